@@ -1,0 +1,128 @@
+"""aiohttp application factory: every resource is opened and closed in a cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from node import api, catalog
+from node.config import Settings
+from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
+from node.metrics import create_metrics
+from peers.identity import NodeIdentity
+
+log = logging.getLogger(__name__)
+
+identity_key = web.AppKey("identity", NodeIdentity)
+NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and tests can find a port-0 node
+
+
+def _load_experts(settings: Settings) -> list[LocalExpert]:
+    """Resolve (pulling when needed) and load every configured model; blocking."""
+    experts: list[LocalExpert] = []
+    seen: set[str] = set()
+    for name_or_path in settings.models:
+        model = catalog.resolve(name_or_path, settings.models_dir, progress=True)
+        expert = load_expert(
+            name=model.name,
+            path=model.path,
+            sha256=model.sha256,
+            size_bytes=model.size_bytes,
+            family=model.family,
+            quantization=model.quantization,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers,
+            queue_size=settings.queue_size,
+        )
+        if expert.spec.id in seen:
+            log.warning("model %s is configured twice; serving it once", expert.spec.id)
+            expert.close()
+            continue
+        seen.add(expert.spec.id)
+        experts.append(expert)
+    return experts
+
+
+async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.settings_key]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    identity = NodeIdentity.load_or_create(settings.data_dir)
+    app[identity_key] = identity
+    app[api.node_info_key] = api.NodeInfo(node_id=identity.node_id, started_s=time.time())
+    log.info("node id %s (data in %s)", identity.node_id, settings.data_dir)
+    yield
+
+
+async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.settings_key]
+    if gpu_offload_supported():
+        log.info("llama.cpp has GPU offload; n_gpu_layers=%d", settings.n_gpu_layers)
+    else:
+        log.info("llama.cpp runs on the CPU (built without GPU offload)")
+    experts = await asyncio.get_running_loop().run_in_executor(None, _load_experts, settings)
+    pool = ExpertPool(experts)
+    app[api.pool_key] = pool
+    try:
+        yield
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, pool.close)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Compose the node's application."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[api.error_middleware, api.metrics_middleware],
+    )
+    app[api.settings_key] = settings
+    app[api.metrics_key] = create_metrics()
+    app.cleanup_ctx.append(_identity_ctx)
+    app.cleanup_ctx.append(_experts_ctx)
+    api.add_routes(app)
+    return app
+
+
+def _write_node_file(data_dir: Path, url: str, node_id: str) -> None:
+    """Tell local tools where this node listens (atomically)."""
+    tmp = data_dir / f".{NODE_FILE}.tmp"
+    tmp.write_text(json.dumps({"url": url, "node_id": node_id, "pid": os.getpid()}))
+    os.replace(tmp, data_dir / NODE_FILE)
+
+
+async def serve(settings: Settings) -> None:
+    """Run a node until SIGINT or SIGTERM, then close everything cleanly."""
+    app = create_app(settings)
+    # Cancel handlers of clients that hang up, so their expert stops generating for nobody.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = runner.addresses[0][1]
+        # A wildcard bind is reached locally through loopback.
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.host, settings.host)
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        url = f"http://{host}:{port}"
+        node_id = app[api.node_info_key].node_id
+        _write_node_file(settings.data_dir, url, node_id)
+        experts = ", ".join(e.spec.id for e in app[api.pool_key])
+        log.info("serving %s at %s (OpenAI API at %s/v1)", experts, url, url)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        (settings.data_dir / NODE_FILE).unlink(missing_ok=True)
+        await runner.cleanup()

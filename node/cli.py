@@ -1,0 +1,180 @@
+"""The `expertmesh` command: start a node, pull and list models, ask a question."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import aiohttp
+
+from node import catalog
+from node.config import DEFAULT_PORT, load_settings
+from node.errors import NodeError
+
+log = logging.getLogger("expertmesh")
+
+DEFAULT_NODE_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description="A peer-to-peer marketplace node for LLM experts.")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    start = commands.add_parser("start", help="start a node (pulls the default expert on first run)")
+    start.add_argument("--config", type=Path, help="TOML settings file")
+    start.add_argument("--host", help="address of the user API (default 127.0.0.1)")
+    start.add_argument("--port", type=int, help=f"port of the user API (default {DEFAULT_PORT}; 0 picks a free one)")
+    start.add_argument("--model", action="append", dest="models", help="catalog name or .gguf path (repeatable)")
+    start.add_argument("--data-dir", type=Path, help="node key, database and learned state")
+    start.add_argument("--models-dir", type=Path, help="cache of pulled models")
+    start.add_argument("--n-ctx", type=int, help="context length per expert (default 2048)")
+    start.add_argument("--threads", type=int, dest="n_threads", help="CPU threads per expert (default: llama.cpp's)")
+    start.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (default -1: all)")
+    start.add_argument("--queue-size", type=int, help="requests waiting per expert before 429 (default 8)")
+
+    pull = commands.add_parser("pull", help="fetch a model into the cache")
+    pull.add_argument("name", help=f"one of {', '.join(catalog.CATALOG)} or a .gguf path")
+    pull.add_argument("--models-dir", type=Path)
+
+    models = commands.add_parser("models", help="list pulled models")
+    models.add_argument("--models-dir", type=Path)
+
+    ask = commands.add_parser("ask", help="ask a node a question")
+    ask.add_argument("text")
+    ask.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    ask.add_argument("--model", default="auto", help="expert id or auto (default)")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--temperature", type=float)
+    return parser
+
+
+def _models_dir(args: argparse.Namespace) -> Path:
+    return args.models_dir or load_settings().models_dir
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from node.app import serve
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "models": tuple(args.models) if args.models else None,
+        "data_dir": args.data_dir,
+        "models_dir": args.models_dir,
+        "n_ctx": args.n_ctx,
+        "n_threads": args.n_threads,
+        "n_gpu_layers": args.n_gpu_layers,
+        "queue_size": args.queue_size,
+        "log_level": args.log_level,
+    }
+    settings = load_settings(args.config, overrides)
+    _setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    model = catalog.resolve(args.name, _models_dir(args), progress=True)
+    sys.stdout.write(f"{model.name}\t{model.path}\t{model.size_bytes}\t{model.sha256}\n")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    rows = catalog.list_models(_models_dir(args))
+    if not rows:
+        sys.stdout.write("no models pulled yet; try: expertmesh pull smollm2-135m\n")
+        return 0
+    sys.stdout.write(f"{'NAME':<20} {'SIZE':>10}  SHA256                                                            PATH\n")
+    for model in rows:
+        size = f"{model.size_bytes / 1e6:.1f} MB"
+        sys.stdout.write(f"{model.name:<20} {size:>10}  {model.sha256}  {model.path}\n")
+    return 0
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    body: dict = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": args.text}],
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+    }
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    url = args.node.rstrip("/") + "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+            if not args.stream:
+                data = await response.json()
+                sys.stdout.write(data["choices"][0]["message"]["content"].strip() + "\n")
+                provenance = data.get("expertmesh", {})
+            else:
+                provenance = {}
+                async for raw in response.content:
+                    line = raw.decode("utf-8").strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    if "error" in chunk:
+                        sys.stderr.write(f"\nerror: {chunk['error'].get('message')}\n")
+                        return 1
+                    provenance = chunk.get("expertmesh", provenance)
+                    for choice in chunk.get("choices", []):
+                        sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                        sys.stdout.flush()
+                sys.stdout.write("\n")
+            sys.stderr.write(f"-- answered by {provenance.get('expert')} on node {provenance.get('node')}\n")
+    return 0
+
+
+def _error_message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text[:500]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `expertmesh` command."""
+    args = _parser().parse_args(argv)
+    if args.command != "start":
+        _setup_logging(args.log_level or "INFO")
+    try:
+        if args.command == "start":
+            return _cmd_start(args)
+        if args.command == "pull":
+            return _cmd_pull(args)
+        if args.command == "models":
+            return _cmd_models(args)
+        return asyncio.run(_ask(args))
+    except NodeError as exc:
+        sys.stderr.write(f"expertmesh: {exc.message}\n")
+        return 2
+    except aiohttp.ClientConnectorError as exc:
+        sys.stderr.write(f"expertmesh: cannot reach the node: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

