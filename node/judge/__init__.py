@@ -1,0 +1,1 @@
+"""Judging: probe suites (data files), scoring of answers, and score statistics."""
