@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
-from node.errors import ModelNotFound, NodeError, PayloadTooLarge
+from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PayloadTooLarge, PeerUnavailable
 from node.experts import (
     ChatMessage,
     Delta,
@@ -25,7 +25,11 @@ from node.experts import (
     LocalExpert,
 )
 from node.metrics import NodeMetrics
+from node.network import Network, RemoteExpert
 from node.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from peers.client import PeerClient, PeerError, PeerRejected
+from peers.wire import ChatMessage as WireChatMessage
+from peers.wire import GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ settings_key = web.AppKey("settings", Settings)
 pool_key = web.AppKey("pool", ExpertPool)
 metrics_key = web.AppKey("metrics", NodeMetrics)
 node_info_key = web.AppKey("node_info", NodeInfo)
+network_key = web.AppKey("network", Network)
+peer_client_key = web.AppKey("peer_client", PeerClient)
 
 
 def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -118,12 +124,24 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def resolve_expert(pool: ExpertPool, model: str) -> LocalExpert:
-    """The expert a request names; `auto` takes the first local expert until routing exists."""
+    """The local expert a request names; `auto` takes the first local expert until routing exists."""
     expert = pool.first() if model == AUTO_MODEL else pool.get(model)
     if expert is None:
         known = ", ".join([AUTO_MODEL, *(e.spec.id for e in pool)])
         raise ModelNotFound(f"model {model!r} does not exist; known models: {known}", param="model")
     return expert
+
+
+def resolve_target(app: web.Application, model: str) -> LocalExpert | list[RemoteExpert]:
+    """A local expert when this node has it, else the alive peers hosting it (nearest first)."""
+    pool = app[pool_key]
+    if model == AUTO_MODEL or pool.get(model) is not None:
+        return resolve_expert(pool, model)
+    hosts = app[network_key].hosts_of(model)
+    if not hosts:
+        known = sorted({AUTO_MODEL, *(e.spec.id for e in pool), *(r.info.expert_id for r in app[network_key].remote_experts())})
+        raise ModelNotFound(f"model {model!r} does not exist; known models: {', '.join(known)}", param="model")
+    return hosts
 
 
 def generation_params(request: ChatCompletionRequest | CompletionRequest, settings: Settings) -> GenerationParams:
@@ -139,41 +157,134 @@ def generation_params(request: ChatCompletionRequest | CompletionRequest, settin
 
 
 class Generation:
-    """One admitted request on one expert: events out, metrics in, the slot freed at the end."""
+    """One admitted request on one expert, local or remote: events out, metrics in, the slot freed at the end."""
 
-    def __init__(self, app: web.Application, expert: LocalExpert, events: AsyncIterator[GenerationEvent]) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        expert_id: str,
+        node_id: str,
+        events: AsyncIterator[GenerationEvent],
+        release=None,
+    ) -> None:
         self._metrics = app[metrics_key]
-        self.expert = expert
+        self.expert_id = expert_id
+        self.node_id = node_id  # a forwarded generation learns it when a peer starts answering
         self._events = events
+        self._release = release
         self._started_s = time.perf_counter()
         self._first = True
 
+    def attach(self, events: AsyncIterator[GenerationEvent]) -> None:
+        """Set the events, for generations whose event source needs the generation itself."""
+        self._events = events
+
+    def provenance(self) -> dict[str, Any]:
+        """Which expert on which node answered."""
+        return {"expert": self.expert_id, "node": self.node_id}
+
     async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
-        expert_id = self.expert.spec.id
         try:
             async for event in self._events:
                 if self._first and isinstance(event, Delta):
                     self._first = False
-                    self._metrics.time_to_first_token.labels(expert_id).observe(time.perf_counter() - self._started_s)
+                    self._metrics.time_to_first_token.labels(self.expert_id).observe(
+                        time.perf_counter() - self._started_s
+                    )
                 if isinstance(event, Finished):
-                    self._metrics.tokens.labels(expert_id, "prompt").inc(event.prompt_tokens)
-                    self._metrics.tokens.labels(expert_id, "completion").inc(event.completion_tokens)
+                    self._metrics.tokens.labels(self.expert_id, "prompt").inc(event.prompt_tokens)
+                    self._metrics.tokens.labels(self.expert_id, "completion").inc(event.completion_tokens)
                 yield event
         finally:
             await self._events.aclose()
-            self.expert.release()
+            if self._release is not None:
+                self._release()
+                self._release = None
 
 
 def start_generation(
     app: web.Application, expert: LocalExpert, prompt_tokens: list[int], stops: tuple[str, ...], params: GenerationParams
 ) -> Generation:
-    """Admit a request (429 at once when the queue is full) and start generating."""
+    """Admit a request on a local expert (429 at once when its queue is full) and start generating."""
     try:
         expert.admit()
     except NodeError:
         app[metrics_key].rejected.labels(expert.spec.id).inc()
         raise
-    return Generation(app, expert, expert.generate(prompt_tokens, stops, params))
+    events = expert.generate(prompt_tokens, stops, params)
+    return Generation(app, expert.spec.id, app[node_info_key].node_id, events, release=expert.release)
+
+
+def forward_generation(
+    app: web.Application, hosts: list[RemoteExpert], messages: list[ChatMessage], params: GenerationParams
+) -> Generation:
+    """Forward a chat to the peers hosting its expert; the next one is tried while nothing was sent yet."""
+    expert_id = hosts[0].info.expert_id
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        expert_id=expert_id,
+        messages=tuple(WireChatMessage(role=m.role, content=m.content) for m in messages),
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        stop=params.stop,
+        seed=params.seed,
+        origin_node=app[node_info_key].node_id,
+        hops=1,
+    )
+    generation = Generation(app, expert_id, "", _no_events())
+    generation.attach(_remote_events(app[peer_client_key], hosts, request, generation))
+    return generation
+
+
+async def _no_events() -> AsyncIterator[GenerationEvent]:
+    """An empty placeholder until a generation's real events are attached."""
+    return
+    yield
+
+
+async def _remote_events(
+    client: PeerClient, hosts: list[RemoteExpert], request: GenerateRequest, generation: Generation | None
+) -> AsyncIterator[GenerationEvent]:
+    """Frames from the first peer that starts answering, as generation events."""
+    failures: list[str] = []
+    busy_retry_s: list[int] = []
+    for host in hosts:
+        node_id = host.peer.node_id
+        frames = client.generate(host.peer.url, request).__aiter__()
+        try:
+            try:
+                frame = await frames.__anext__()
+            except PeerRejected as exc:
+                if exc.status == 429:
+                    busy_retry_s.append(exc.retry_after_s or 1)
+                elif 400 <= exc.status < 500 and exc.status != 404:
+                    raise InvalidRequest(f"peer {node_id} refused the request: {exc}") from exc
+                failures.append(f"{node_id}: {exc}")
+                continue
+            except (PeerError, StopAsyncIteration) as exc:
+                log.info("peer %s did not answer for %s (%s); trying the next host", node_id, request.expert_id, exc)
+                failures.append(f"{node_id}: {exc}")
+                continue
+            if generation is not None:
+                generation.node_id = node_id
+            while True:
+                if frame.kind == "delta":
+                    yield Delta(frame.text)
+                elif frame.kind == "done":
+                    yield Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
+                    return
+                else:
+                    raise PeerUnavailable(f"peer {node_id} failed mid-answer: {frame.error}")
+                try:
+                    frame = await frames.__anext__()
+                except (PeerError, StopAsyncIteration) as exc:
+                    raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
+        finally:
+            await frames.aclose()
+    if busy_retry_s and len(busy_retry_s) == len(hosts):
+        raise ExpertBusy(f"every peer hosting {request.expert_id} is busy", retry_after_s=min(busy_retry_s))
+    raise PeerUnavailable(f"no peer hosting {request.expert_id} answered: {'; '.join(failures)}")
 
 
 def _usage(finished: Finished) -> dict[str, int]:
@@ -184,20 +295,48 @@ def _usage(finished: Finished) -> dict[str, int]:
     }
 
 
-def _provenance(app: web.Application, expert: LocalExpert) -> dict[str, Any]:
-    return {"expert": expert.spec.id, "node": app[node_info_key].node_id}
-
-
 def _sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n".encode("utf-8")
 
 
+class _ChunkMaker:
+    """Builds OpenAI stream chunks (chat or text) for one generation."""
+
+    def __init__(self, generation: Generation, completion_id: str, created: int, chat: bool) -> None:
+        self._generation = generation
+        self._id = completion_id
+        self._created = created
+        self._chat = chat
+
+    def __call__(self, text: str | None, finish_reason: str | None, *, first_chunk: bool = False, usage=None):
+        generation = self._generation
+        chunk: dict[str, Any] = {
+            "id": self._id,
+            "object": "chat.completion.chunk" if self._chat else "text_completion",
+            "created": self._created,
+            "model": generation.expert_id,
+        }
+        if self._chat:
+            chunk["system_fingerprint"] = None
+        chunk["expertmesh"] = generation.provenance()
+        if usage is not None:
+            chunk["choices"] = []
+            chunk["usage"] = usage
+            return chunk
+        if self._chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first_chunk else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        chunk["choices"] = [choice]
+        return chunk
+
+
 async def _stream(
-    request: web.Request,
-    generation: Generation,
-    make_chunk,
-    include_usage: bool,
+    request: web.Request, generation: Generation, make_chunk: _ChunkMaker, include_usage: bool
 ) -> web.StreamResponse:
     """Send a generation as server-sent events ending with `data: [DONE]`."""
     events = generation.__aiter__()
@@ -208,7 +347,8 @@ async def _stream(
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
-                "X-Expertmesh-Expert": generation.expert.spec.id,
+                "X-Expertmesh-Expert": generation.expert_id,
+                "X-Expertmesh-Node": generation.node_id,
             }
         )
         await response.prepare(request)
@@ -236,41 +376,27 @@ async def _stream(
         await events.aclose()
 
 
+def _headers(generation: Generation) -> dict[str, str]:
+    return {"X-Expertmesh-Expert": generation.expert_id, "X-Expertmesh-Node": generation.node_id}
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/chat/completions`."""
+    """`POST /v1/chat/completions`: on a local expert, or forwarded to the peer that hosts it."""
     app = request.app
     body = parse_body(await read_body(request), ChatCompletionRequest)
-    expert = resolve_expert(app[pool_key], body.model)
+    target = resolve_target(app, body.model)
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
-    prompt_tokens, stops = expert.tokenize_chat(messages)
     params = generation_params(body, app[settings_key])
-    generation = start_generation(app, expert, prompt_tokens, stops, params)
+    if isinstance(target, LocalExpert):
+        prompt_tokens, stops = target.tokenize_chat(messages)
+        generation = start_generation(app, target, prompt_tokens, stops, params)
+    else:
+        generation = forward_generation(app, target, messages, params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    provenance = _provenance(app, expert)
-
     if body.stream:
-        def make_chunk(text, finish_reason, *, first_chunk=False, usage=None):
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": expert.spec.id,
-                "system_fingerprint": None,
-                "expertmesh": provenance,
-            }
-            if usage is not None:
-                chunk["choices"] = []
-                chunk["usage"] = usage
-                return chunk
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first_chunk else {}
-            if text is not None:
-                delta["content"] = text
-            chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-            return chunk
-
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, generation, make_chunk, include_usage)
+        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, True), include_usage)
 
     texts, finished = await _collect(generation)
     return web.json_response(
@@ -278,7 +404,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": expert.spec.id,
+            "model": generation.expert_id,
             "system_fingerprint": None,
             "choices": [
                 {
@@ -289,42 +415,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 }
             ],
             "usage": _usage(finished),
-            "expertmesh": provenance,
+            "expertmesh": generation.provenance(),
         },
-        headers={"X-Expertmesh-Expert": expert.spec.id},
+        headers=_headers(generation),
     )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/completions`: the prompt goes to the model as it is, whatever its style."""
+    """`POST /v1/completions`: the prompt goes to a local model as it is, whatever its style."""
     app = request.app
     body = parse_body(await read_body(request), CompletionRequest)
-    expert = resolve_expert(app[pool_key], body.model)
-    prompt_tokens = expert.tokenize_text(body.prompt_text())
+    target = resolve_target(app, body.model)
+    if not isinstance(target, LocalExpert):
+        raise InvalidRequest(
+            f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
+            param="model",
+        )
+    prompt_tokens = target.tokenize_text(body.prompt_text())
     params = generation_params(body, app[settings_key])
-    generation = start_generation(app, expert, prompt_tokens, (), params)
+    generation = start_generation(app, target, prompt_tokens, (), params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    provenance = _provenance(app, expert)
-
     if body.stream:
-        def make_chunk(text, finish_reason, *, first_chunk=False, usage=None):
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": expert.spec.id,
-                "expertmesh": provenance,
-            }
-            if usage is not None:
-                chunk["choices"] = []
-                chunk["usage"] = usage
-                return chunk
-            chunk["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-            return chunk
-
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, generation, make_chunk, include_usage)
+        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, False), include_usage)
 
     texts, finished = await _collect(generation)
     return web.json_response(
@@ -332,12 +446,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "id": completion_id,
             "object": "text_completion",
             "created": created,
-            "model": expert.spec.id,
+            "model": generation.expert_id,
             "choices": [{"index": 0, "text": "".join(texts), "logprobs": None, "finish_reason": finished.finish_reason}],
             "usage": _usage(finished),
-            "expertmesh": provenance,
+            "expertmesh": generation.provenance(),
         },
-        headers={"X-Expertmesh-Expert": expert.spec.id},
+        headers=_headers(generation),
     )
 
 
@@ -350,7 +464,7 @@ async def _collect(generation: Generation) -> tuple[list[str], Finished]:
             texts.append(event.text)
         else:
             finished = event
-    assert finished is not None  # generate() always ends with Finished or raises
+    assert finished is not None  # every generation ends with Finished or raises
     return texts, finished
 
 
@@ -378,10 +492,42 @@ def _model_entry(app: web.Application, expert: LocalExpert | None) -> dict[str, 
     }
 
 
+def _remote_entry(app: web.Application, hosts: list[RemoteExpert]) -> dict[str, Any]:
+    info = hosts[0].info
+    return {
+        "id": info.expert_id,
+        "object": "model",
+        "created": int(app[node_info_key].started_s),
+        "owned_by": hosts[0].peer.node_id,
+        "expertmesh": {
+            "name": info.name,
+            "sha256": info.sha256,
+            "family": info.family,
+            "quantization": info.quantization,
+            "prompt_style": info.prompt_style,
+            "n_ctx": info.n_ctx,
+            "queue_depth": info.queue_depth,
+            "local": False,
+            "nodes": [h.peer.node_id for h in hosts],
+        },
+    }
+
+
+def _remote_by_expert(app: web.Application) -> dict[str, list[RemoteExpert]]:
+    """Remote experts not hosted here, grouped by id (one listing entry each, nearest host first)."""
+    local = {e.spec.id for e in app[pool_key]}
+    grouped: dict[str, list[RemoteExpert]] = {}
+    for remote in app[network_key].remote_experts():
+        if remote.info.expert_id not in local:
+            grouped.setdefault(remote.info.expert_id, []).append(remote)
+    return grouped
+
+
 async def list_models(request: web.Request) -> web.Response:
-    """`GET /v1/models`: `auto` and every expert this node can reach."""
+    """`GET /v1/models`: `auto`, the local experts, and every expert on an alive peer."""
     app = request.app
     data = [_model_entry(app, None), *(_model_entry(app, e) for e in app[pool_key])]
+    data += [_remote_entry(app, hosts) for hosts in _remote_by_expert(app).values()]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -389,10 +535,31 @@ async def get_model(request: web.Request) -> web.Response:
     """`GET /v1/models/{model}`."""
     app = request.app
     model = request.match_info["model"]
-    if model == AUTO_MODEL:
-        return web.json_response(_model_entry(app, None))
-    expert = resolve_expert(app[pool_key], model)
-    return web.json_response(_model_entry(app, expert))
+    target = resolve_target(app, model)
+    if isinstance(target, LocalExpert):
+        return web.json_response(_model_entry(app, None if model == AUTO_MODEL else target))
+    return web.json_response(_remote_entry(app, target))
+
+
+async def list_peers(request: web.Request) -> web.Response:
+    """`GET /v1/peers`: the peers this node knows, alive or not."""
+    network = request.app[network_key]
+    alive = {p.node_id for p in network.alive_peers()}
+    data = [
+        {
+            "id": peer.node_id,
+            "url": peer.url,
+            "alive": peer.node_id in alive,
+            "rtt_ms": None if peer.rtt_ms is None else round(peer.rtt_ms, 2),
+            "last_seen_ms": peer.last_seen_ms,
+            "source": peer.source,
+            "experts": [e.expert_id for e in peer.card.experts] if peer.card else [],
+        }
+        for peer in network.table.peers.values()
+        if peer.node_id != request.app[node_info_key].node_id
+    ]
+    data.sort(key=lambda p: (not p["alive"], p["id"]))
+    return web.json_response({"object": "list", "node_id": request.app[node_info_key].node_id, "data": data})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -425,5 +592,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/peers", list_peers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

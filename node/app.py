@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
+import aiohttp
+import ifaddr
 from aiohttp import web
 
-from node import api, catalog
+from node import api, catalog, peer_api
 from node.config import Settings
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.metrics import create_metrics
+from node.network import Network
+from node.peer_store import PeerStore
+from peers.client import PeerClient
 from peers.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,21 @@ async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
 
 
+async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.settings_key]
+    secret = settings.community_secret.encode() if settings.community_secret else None
+    store = PeerStore(settings.data_dir / "peers.db")
+    async with aiohttp.ClientSession() as session:
+        client = PeerClient(session, secret=secret)
+        app[api.peer_client_key] = client
+        app[api.network_key] = Network(settings, app[identity_key], app[api.pool_key], client, store)
+        try:
+            yield
+        finally:
+            await app[api.network_key].close()
+            store.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     """Compose the node's application."""
     app = web.Application(
@@ -88,8 +108,26 @@ def create_app(settings: Settings) -> web.Application:
     app[api.metrics_key] = create_metrics()
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
+    app.cleanup_ctx.append(_network_ctx)
     api.add_routes(app)
+    peer_api.add_routes(app)
     return app
+
+
+def advertise_urls(settings: Settings, port: int) -> list[str]:
+    """The URLs peers can reach this node at: configured, or derived from the bound address."""
+    if settings.advertise_urls:
+        return [u.rstrip("/") for u in settings.advertise_urls]
+    if settings.host in ("0.0.0.0", "", "::"):
+        ips = [
+            ip.ip
+            for adapter in ifaddr.get_adapters()
+            for ip in adapter.ips
+            if ip.is_IPv4 and not ip.ip.startswith("127.")
+        ]
+        return [f"http://{ip}:{port}" for ip in ips[:8]] or [f"http://127.0.0.1:{port}"]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return [f"http://{host}:{port}"]
 
 
 def _write_node_file(data_dir: Path, url: str, node_id: str) -> None:
@@ -118,6 +156,7 @@ async def serve(settings: Settings) -> None:
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         url = f"http://{host}:{port}"
         node_id = app[api.node_info_key].node_id
+        await app[api.network_key].start(advertise_urls(settings, port))
         _write_node_file(settings.data_dir, url, node_id)
         experts = ", ".join(e.spec.id for e in app[api.pool_key])
         log.info("serving %s at %s (OpenAI API at %s/v1)", experts, url, url)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--threads", type=int, dest="n_threads", help="CPU threads per expert (default: llama.cpp's)")
     start.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (default -1: all)")
     start.add_argument("--queue-size", type=int, help="requests waiting per expert before 429 (default 8)")
+    start.add_argument("--peer", action="append", dest="peers", help="bootstrap peer URL (repeatable)")
+    start.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
+    start.add_argument(
+        "--mdns-interface", action="append", dest="mdns_interfaces", help="address of an interface for mDNS (default all)"
+    )
+    start.add_argument("--advertise-url", action="append", dest="advertise_urls", help="URL peers should use for us")
+    start.add_argument("--community-secret", help="shared secret every peer request must prove (HMAC)")
+    start.add_argument("--peer-dead-after-s", type=float, help="seconds without a hello before a peer is dead (15)")
+    start.add_argument("--hello-interval-s", type=float, help="seconds between hellos to each peer (5)")
 
     pull = commands.add_parser("pull", help="fetch a model into the cache")
     pull.add_argument("name", help=f"one of {', '.join(catalog.CATALOG)} or a .gguf path")
@@ -53,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list pulled models")
     models.add_argument("--models-dir", type=Path)
+
+    peers = commands.add_parser("peers", help="list the peers a node knows")
+    peers.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
 
     ask = commands.add_parser("ask", help="ask a node a question")
     ask.add_argument("text")
@@ -82,6 +95,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "n_gpu_layers": args.n_gpu_layers,
         "queue_size": args.queue_size,
         "log_level": args.log_level,
+        "peers": tuple(args.peers) if args.peers else None,
+        "mdns": args.mdns,
+        "mdns_interfaces": tuple(args.mdns_interfaces) if args.mdns_interfaces else None,
+        "advertise_urls": tuple(args.advertise_urls) if args.advertise_urls else None,
+        "community_secret": args.community_secret,
+        "peer_dead_after_s": args.peer_dead_after_s,
+        "hello_interval_s": args.hello_interval_s,
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)
@@ -146,6 +166,24 @@ async def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _peers(args: argparse.Namespace) -> int:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.get(args.node.rstrip("/") + "/v1/peers") as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+            data = await response.json()
+    sys.stdout.write(f"node {data['node_id']}: {len(data['data'])} peers\n")
+    sys.stdout.write(f"{'ID':<22} {'ALIVE':<6} {'RTT MS':>7} {'SEEN S AGO':>10}  {'URL':<28} EXPERTS\n")
+    now_ms = time.time() * 1000
+    for peer in data["data"]:
+        rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f}"
+        seen = f"{(now_ms - peer['last_seen_ms']) / 1000:.0f}"
+        experts = ", ".join(peer["experts"])
+        sys.stdout.write(f"{peer['id']:<22} {'yes' if peer['alive'] else 'no':<6} {rtt:>7} {seen:>10}  {peer['url']:<28} {experts}\n")
+    return 0
+
+
 def _error_message(text: str) -> str:
     try:
         return json.loads(text)["error"]["message"]
@@ -165,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_pull(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "peers":
+            return asyncio.run(_peers(args))
         return asyncio.run(_ask(args))
     except NodeError as exc:
         sys.stderr.write(f"expertmesh: {exc.message}\n")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from node.catalog import default_models_dir
 from node.errors import InvalidRequest
 
 DEFAULT_PORT = 8470
@@ -20,14 +21,6 @@ def default_data_dir() -> Path:
     """Where the node keeps its key, database and learned state."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "expertmesh"
-
-
-def default_models_dir() -> Path:
-    """Where pulled GGUF files are cached (shared by every node on the machine)."""
-    if os.environ.get("EXPERTMESH_MODELS_DIR"):
-        return Path(os.environ["EXPERTMESH_MODELS_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "expertmesh" / "models"
 
 
 @dataclass(frozen=True)
@@ -46,10 +39,20 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_tokens_default: int = 512
     log_level: str = "INFO"
+    peers: tuple[str, ...] = ()  # bootstrap peer URLs
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()  # empty: every interface
+    advertise_urls: tuple[str, ...] = ()  # empty: derived from host and port
+    community_secret: str | None = None  # when set, every peer request must carry its HMAC
+    peer_dead_after_s: float = 15.0
+    hello_interval_s: float = 5.0
 
 
 _INT_FIELDS = {"port", "n_ctx", "n_threads", "n_gpu_layers", "queue_size", "max_body_bytes", "max_tokens_default"}
 _PATH_FIELDS = {"data_dir", "models_dir"}
+_FLOAT_FIELDS = {"peer_dead_after_s", "hello_interval_s"}
+_BOOL_FIELDS = {"mdns"}
+_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -63,11 +66,25 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"setting {name!r} must be an integer, got {value!r}", param=name) from exc
-    if name == "models":
+    if name in _FLOAT_FIELDS:
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"setting {name!r} must be a number, got {value!r}", param=name) from exc
+        if not number > 0:
+            raise InvalidRequest(f"setting {name!r} must be positive", param=name)
+        return number
+    if name in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise InvalidRequest(f"setting {name!r} must be true or false, got {value!r}", param=name)
+    if name in _LIST_FIELDS:
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise InvalidRequest("setting 'models' must be a list of names or paths", param=name)
+            raise InvalidRequest(f"setting {name!r} must be a list of strings", param=name)
         return tuple(value)
     if not isinstance(value, str):
         raise InvalidRequest(f"setting {name!r} must be a string", param=name)

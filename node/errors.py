@@ -102,3 +102,11 @@ class CatalogError(NodeError):
     """A model could not be resolved, fetched or verified."""
 
     code = "catalog_error"
+
+
+class UpgradeRequired(NodeError):
+    """The peer speaks a protocol version this node does not."""
+
+    status = 426
+    error_type = "invalid_request_error"
+    code = "unsupported_protocol_version"

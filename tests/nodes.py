@@ -44,15 +44,16 @@ class RunningNode:
         return self.process.returncode
 
 
-def start_node(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningNode:
-    """Start `expertmesh start` on 127.0.0.1 port 0 and wait until it serves."""
+def start_node(data_dir: Path, *args: str, env: dict[str, str] | None = None, mdns: bool = False) -> RunningNode:
+    """Start `expertmesh start` on 127.0.0.1 port 0 and wait until it serves; mDNS only on loopback, if at all."""
     data_dir.mkdir(parents=True, exist_ok=True)
     node_file = data_dir / "node.json"
     node_file.unlink(missing_ok=True)
     log_path = data_dir / "node.log"
     command = [
         sys.executable, "-m", "node", "start",
-        "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir), *args,
+        "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
+        *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]), *args,
     ]
     log_file = open(log_path, "ab")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

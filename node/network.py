@@ -1,0 +1,308 @@
+"""The node's view of the network: the peer table, kept fresh by hellos, peer exchange and mDNS."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from node.config import Settings
+from node.experts import ExpertPool
+from node.peer_store import PeerStore, RememberedPeer
+from peers import table as peer_table
+from peers.client import PeerClient, PeerError
+from peers.identity import NodeIdentity
+from peers.table import PeerSource, PeerState, PeerTable, TablePolicy
+from peers.wire import (
+    ExpertInfo,
+    Hello,
+    HelloReply,
+    NodeCard,
+    PeersReply,
+    SignedCard,
+    WireError,
+    card_digest,
+    sign_card,
+    verify_card,
+)
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+EXCHANGE_INTERVAL_S = 10.0
+EXCHANGE_LIMIT = 32
+MAX_HELLOS_IN_FLIGHT = 16
+
+
+def stable_digest(card: NodeCard) -> str:
+    """Digest of what a card says that matters to peers (not its clock or queue depths), for mDNS TXT."""
+    steady = dataclasses.replace(
+        card,
+        issued_ms=0,
+        card_digest="",
+        experts=tuple(dataclasses.replace(e, queue_depth=0) for e in card.experts),
+    )
+    return card_digest(steady)
+
+
+@dataclass(frozen=True)
+class RemoteExpert:
+    """An expert hosted by an alive peer."""
+
+    info: ExpertInfo
+    peer: PeerState
+
+
+class Network:
+    """Owns the peer table and the tasks that keep it current; the only writer of the table."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        identity: NodeIdentity,
+        pool: ExpertPool,
+        client: PeerClient,
+        store: PeerStore,
+        *,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: (),
+    ) -> None:
+        self._settings = settings
+        self._identity = identity
+        self._pool = pool
+        self._client = client
+        self._store = store
+        self._clock_ms = clock_ms
+        self._card_extras = card_extras
+        self.policy = TablePolicy(
+            dead_after_ms=int(settings.peer_dead_after_s * 1000),
+            hello_interval_ms=int(settings.hello_interval_s * 1000),
+        )
+        self.table = PeerTable(self_id=identity.node_id)
+        self.urls: tuple[str, ...] = ()
+        self._tasks: set[asyncio.Task] = set()
+        self._in_flight: set[str] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._mdns = None
+        self._db = asyncio.Lock()
+
+    # ---- our own card ---------------------------------------------------------------
+
+    def card(self) -> NodeCard:
+        """This node's current card (unsigned)."""
+        experts = tuple(
+            ExpertInfo(
+                expert_id=e.spec.id,
+                name=e.spec.name,
+                family=e.spec.family,
+                params=None,
+                quantization=e.spec.quantization,
+                sha256=e.spec.sha256,
+                prompt_style=e.spec.prompt_style,
+                n_ctx=e.spec.n_ctx,
+                queue_depth=e.queue_depth,
+                queue_size=e.capacity - 1,
+                tokens_per_s=None,
+                cards=tuple(self._card_extras(e.spec.id)),
+            )
+            for e in self._pool
+        )
+        return NodeCard(
+            node_id=self._identity.node_id,
+            public_key=self._identity.public_key_raw,
+            addresses=self.urls,
+            experts=experts,
+            issued_ms=self._clock_ms(),
+        )
+
+    def signed_card(self) -> SignedCard:
+        """This node's current card, signed."""
+        return sign_card(self.card(), self._identity)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self, urls: Sequence[str]) -> None:
+        """Go live at `urls`: load remembered peers, add bootstrap peers, start mDNS and the hello loop."""
+        self.urls = tuple(urls)
+        now = self._clock_ms()
+        remembered = await asyncio.get_running_loop().run_in_executor(None, self._store.load)
+        for peer in remembered:
+            self._apply(peer_table.AddressLearned(peer.url, _source(peer.source), now, peer.node_id))
+        for url in self._settings.peers:
+            self._apply(peer_table.AddressLearned(url.rstrip("/"), "bootstrap", now))
+        if self._settings.mdns:
+            await self._start_mdns()
+        self._loop_task = asyncio.create_task(self._run(), name="peer-loop")
+        log.info(
+            "network: %d bootstrap peers, %d remembered, mDNS %s",
+            len(self._settings.peers),
+            len(remembered),
+            "on" if self._settings.mdns else "off",
+        )
+
+    async def close(self) -> None:
+        """Say goodbye on mDNS and stop every task."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *( [self._loop_task] if self._loop_task else []), return_exceptions=True)
+        if self._mdns is not None:
+            await self._mdns.close()
+
+    async def _start_mdns(self) -> None:
+        from peers.mdns import Advertisement, MdnsService
+
+        from urllib.parse import urlsplit
+
+        first = urlsplit(self.urls[0]) if self.urls else None
+        advertisement = Advertisement(
+            node_id=self._identity.node_id,
+            port=first.port if first and first.port else self._settings.port,
+            addresses=[urlsplit(u).hostname for u in self.urls if urlsplit(u).hostname],
+            card_digest=stable_digest(self.card()),
+        )
+        interfaces = list(self._settings.mdns_interfaces) or "all"
+        self._mdns = MdnsService(advertisement, self._on_mdns_event, interfaces=interfaces)
+        await self._mdns.start()
+
+    # ---- events -----------------------------------------------------------------------
+
+    def _apply(self, event: peer_table.PeerEvent) -> None:
+        self.table = peer_table.apply(self.table, event, self.policy)
+
+    def _on_mdns_event(self, event) -> None:
+        """Turn an mDNS event into table events; a changed card digest triggers a hello at once."""
+        from peers.mdns import PeerFound, PeerGone
+
+        now = self._clock_ms()
+        if isinstance(event, PeerFound):
+            known = self.table.peers.get(event.node_id)
+            for url in event.urls:
+                self._apply(peer_table.AddressLearned(url, "mdns", now, event.node_id))
+            if known is not None and known.card is not None and stable_digest(known.card) != event.card_digest:
+                self._hello_soon(known.url)
+            elif known is None:
+                for url in event.urls[:1]:
+                    self._hello_soon(url)
+        elif isinstance(event, PeerGone):
+            self._apply(peer_table.ServiceRemoved(event.node_id, now))
+
+    def on_hello(self, hello: Hello) -> HelloReply:
+        """A peer said hello: check its card, learn its addresses (verified by our own hello), answer with ours."""
+        card = verify_card(hello.card)
+        now = self._clock_ms()
+        if card.node_id != self._identity.node_id:
+            known = self.table.peers.get(card.node_id)
+            for url in card.addresses:
+                if known is None or known.url != url:
+                    self._apply(peer_table.AddressLearned(url, "exchange", now, card.node_id))
+            if known is None:
+                for url in card.addresses[:1]:
+                    self._hello_soon(url)
+        return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms)
+
+    def exchange_reply(self, max_peers: int) -> PeersReply:
+        """The peers we know to be alive, for peer exchange."""
+        limit = min(max_peers, EXCHANGE_LIMIT)
+        return PeersReply(peers=tuple(peer_table.exchange_list(self.table, self._clock_ms(), self.policy, limit)))
+
+    # ---- queries ----------------------------------------------------------------------
+
+    def alive_peers(self) -> list[PeerState]:
+        """Verified peers heard from recently."""
+        return peer_table.alive_peers(self.table, self._clock_ms(), self.policy)
+
+    def remote_experts(self) -> list[RemoteExpert]:
+        """Every expert on every alive peer, nearest peer first."""
+        peers = sorted(self.alive_peers(), key=lambda p: (p.rtt_ms is None, p.rtt_ms or 0.0))
+        return [RemoteExpert(info, peer) for peer in peers if peer.card for info in peer.card.experts]
+
+    def hosts_of(self, expert_id: str) -> list[RemoteExpert]:
+        """Alive peers hosting `expert_id`, nearest first."""
+        return [r for r in self.remote_experts() if r.info.expert_id == expert_id]
+
+    # ---- background work --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_exchange_s = 0.0
+        while True:
+            now = self._clock_ms()
+            self._apply(peer_table.Tick(now))
+            for url in peer_table.due_for_hello(self.table, now, self.policy):
+                self._hello_soon(url)
+            if time.monotonic() - last_exchange_s >= EXCHANGE_INTERVAL_S:
+                last_exchange_s = time.monotonic()
+                alive = self.alive_peers()
+                if alive:
+                    self._spawn(self._exchange(random.choice(alive).url))
+            await asyncio.sleep(TICK_S)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _hello_soon(self, url: str) -> None:
+        if url in self._in_flight or len(self._in_flight) >= MAX_HELLOS_IN_FLIGHT or url in self.urls:
+            return
+        self._in_flight.add(url)
+        self._spawn(self._hello(url))
+
+    def _source_of(self, url: str) -> PeerSource:
+        pending = self.table.unverified.get(url)
+        if pending is not None:
+            return pending.source
+        for peer in self.table.peers.values():
+            if peer.url == url:
+                return peer.source
+        return "exchange"
+
+    async def _hello(self, url: str) -> None:
+        try:
+            source = self._source_of(url)
+            started_s = time.perf_counter()
+            try:
+                reply = await self._client.hello(url, Hello(card=self.signed_card(), sent_ms=self._clock_ms()))
+                card = verify_card(reply.card)
+            except (PeerError, WireError) as exc:
+                log.debug("hello to %s failed: %s", url, exc)
+                self._apply(peer_table.HelloFailed(url, self._clock_ms()))
+                return
+            rtt_ms = (time.perf_counter() - started_s) * 1000
+            now = self._clock_ms()
+            was_alive = card.node_id in {p.node_id for p in self.alive_peers()}
+            self._apply(peer_table.HelloSucceeded(url, card, rtt_ms, now, source))
+            if card.node_id == self._identity.node_id:
+                return
+            if not was_alive:
+                log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
+                # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.
+                self._spawn(self._exchange(url))
+            remembered = RememberedPeer(url, card.node_id, source, now)
+            async with self._db:
+                await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
+        finally:
+            self._in_flight.discard(url)
+
+    async def _exchange(self, url: str) -> None:
+        try:
+            reply = await self._client.peers(url, EXCHANGE_LIMIT)
+        except PeerError as exc:
+            log.debug("peer exchange with %s failed: %s", url, exc)
+            return
+        now = self._clock_ms()
+        known_urls = {p.url for p in self.table.peers.values()}
+        for address in reply.peers[:EXCHANGE_LIMIT]:
+            if address.node_id == self._identity.node_id or address.url in known_urls:
+                continue
+            # A gossiped address is only used after our own hello verifies it.
+            self._apply(peer_table.AddressLearned(address.url, "exchange", now, address.node_id))
+
+
+def _source(value: str) -> PeerSource:
+    return value if value in ("mdns", "bootstrap", "exchange") else "exchange"  # type: ignore[return-value]

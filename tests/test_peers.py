@@ -1,0 +1,256 @@
+"""Nodes on loopback meet through --peer and peer exchange, forward requests, and refuse bad peer input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import aiohttp
+import msgpack
+import openai
+import pytest
+
+from peers.identity import NodeIdentity
+from peers.wire import (
+    BODY_HMAC_HEADER,
+    ChatMessage,
+    GenerateRequest,
+    Hello,
+    NodeCard,
+    body_hmac,
+    encode,
+    sign_card,
+)
+from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
+
+FAST = ("--hello-interval-s", "1", "--peer-dead-after-s", "4")
+MEET_TIMEOUT_S = 30.0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = MEET_TIMEOUT_S, what: str = "condition") -> None:
+    """Poll until `condition` holds, or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def get_json(url: str) -> dict:
+    """A blocking GET for polling from sync tests."""
+    async def fetch() -> dict:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:
+                return await response.json()
+
+    return asyncio.run(fetch())
+
+
+def model_ids(node: RunningNode) -> set[str]:
+    return {m["id"] for m in get_json(node.url + "/v1/models")["data"]}
+
+
+def alive_peer_ids(node: RunningNode) -> set[str]:
+    return {p["id"] for p in get_json(node.url + "/v1/peers")["data"] if p["alive"]}
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode, RunningNode, RunningNode]]:
+    """A (gemma3) <- B (smollm2, --peer A) <- C (smollm2, --peer B); mDNS off."""
+    nodes: list[RunningNode] = []
+    try:
+        a = start_node(tmp_path_factory.mktemp("a"), "--model", "gemma3-270m", *FAST)
+        nodes.append(a)
+        b = start_node(tmp_path_factory.mktemp("b"), "--model", "smollm2-135m", "--peer", a.url, *FAST)
+        nodes.append(b)
+        c = start_node(tmp_path_factory.mktemp("c"), "--model", "smollm2-135m", "--peer", b.url, *FAST)
+        nodes.append(c)
+        yield a, b, c
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_bootstrap_and_peer_exchange_connect_everyone(trio) -> None:
+    a, b, c = trio
+    wait_for(lambda: alive_peer_ids(a) == {b.node_id, c.node_id}, what="A to know B and C")
+    wait_for(lambda: alive_peer_ids(b) == {a.node_id, c.node_id}, what="B to know A and C")
+    # C was only told about B; it met A through peer exchange.
+    wait_for(lambda: alive_peer_ids(c) == {a.node_id, b.node_id}, what="C to know A through B")
+    peers = get_json(c.url + "/v1/peers")["data"]
+    through_exchange = next(p for p in peers if p["id"] == a.node_id)
+    assert through_exchange["rtt_ms"] is not None and through_exchange["rtt_ms"] >= 0
+    assert through_exchange["experts"] == [GEMMA3_ID]
+
+
+def test_models_lists_remote_experts_with_their_owner(trio) -> None:
+    a, b, c = trio
+    wait_for(lambda: SMOLLM2_ID in model_ids(a), what="A to list smollm2")
+    entry = next(m for m in get_json(a.url + "/v1/models")["data"] if m["id"] == SMOLLM2_ID)
+    assert entry["owned_by"] in (b.node_id, c.node_id)
+    assert set(entry["expertmesh"]["nodes"]) == {b.node_id, c.node_id}
+    assert entry["expertmesh"]["local"] is False
+    wait_for(lambda: GEMMA3_ID in model_ids(c), what="C to list gemma3")
+
+
+def test_requests_are_forwarded_to_the_hosting_node(trio) -> None:
+    a, b, c = trio
+    wait_for(lambda: GEMMA3_ID in model_ids(c), what="C to list gemma3")
+    client = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model=GEMMA3_ID, messages=question, max_tokens=12, temperature=0)
+    assert "Paris" in plain.choices[0].message.content
+    assert plain.model_extra["expertmesh"] == {"expert": GEMMA3_ID, "node": a.node_id}
+    assert plain.usage.completion_tokens > 0
+    chunks = list(
+        client.chat.completions.create(model=GEMMA3_ID, messages=question, max_tokens=12, temperature=0, stream=True)
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == plain.choices[0].message.content
+    assert {ch.model_extra["expertmesh"]["node"] for ch in chunks} == {a.node_id}
+
+
+async def test_the_peer_api_never_forwards_again(trio) -> None:
+    a, _, _ = trio
+    request = GenerateRequest(
+        request_id="r1",
+        expert_id=SMOLLM2_ID,  # hosted by B and C, not A
+        messages=(ChatMessage(role="user", content="Hi"),),
+        max_tokens=4,
+        temperature=0.0,
+        top_p=None,
+        stop=(),
+        seed=None,
+        origin_node="someone",
+        hops=1,
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.url + "/peer/v1/generate", data=encode(request)) as response:
+            assert response.status == 404
+        twice = GenerateRequest(**{**request.__dict__, "expert_id": GEMMA3_ID, "hops": 2})
+        async with session.post(a.url + "/peer/v1/generate", data=encode(twice)) as response:
+            assert response.status == 400
+
+
+def _hello_bytes(identity: NodeIdentity) -> bytes:
+    card = NodeCard(node_id=identity.node_id, public_key=identity.public_key_raw, addresses=(), experts=(), issued_ms=1)
+    return encode(Hello(card=sign_card(card, identity), sent_ms=1))
+
+
+async def test_malformed_oversized_and_forged_peer_messages_are_refused(trio, tmp_path: Path) -> None:
+    a, _, _ = trio
+    identity = NodeIdentity.load_or_create(tmp_path)
+    good = _hello_bytes(identity)
+    unpacked = msgpack.unpackb(good)
+    bad_signature = msgpack.unpackb(good)
+    bad_signature["card"]["signature"] = bytes(64)
+    unpacked["card"]["card"]["issued_ms"] = 2  # the signed content changed, the signature did not
+    tampered = msgpack.packb(unpacked)
+    wrong_version = msgpack.packb({**msgpack.unpackb(good), "v": 99})
+    cases = [
+        (b"\xc1\xc1 not msgpack", 400),
+        (msgpack.packb([1, 2, 3]), 400),
+        (msgpack.packb({"v": 1, "type": "hello"}), 400),
+        (tampered, 400),
+        (msgpack.packb(bad_signature), 400),
+        (wrong_version, 426),
+        (b"\x00" * (300 << 10), 413),
+    ]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.url + "/peer/v1/hello", data=good) as response:
+            assert response.status == 200
+        for body, status in cases:
+            async with session.post(a.url + "/peer/v1/hello", data=body) as response:
+                assert response.status == status, body[:40]
+                assert (await response.json())["error"]["message"]
+
+
+def test_a_dead_peer_fails_over_then_leaves_the_listing_then_returns(tmp_path: Path) -> None:
+    a = start_node(tmp_path / "a", "--model", "gemma3-270m", *FAST)
+    b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, *FAST)
+    c = start_node(tmp_path / "c", "--model", "smollm2-135m", "--peer", a.url, *FAST)
+    try:
+        wait_for(lambda: alive_peer_ids(a) == {b.node_id, c.node_id}, what="A to know B and C")
+        entry = next(m for m in get_json(a.url + "/v1/models")["data"] if m["id"] == SMOLLM2_ID)
+        nearest, other = (b, c) if entry["expertmesh"]["nodes"][0] == b.node_id else (c, b)
+        os.kill(nearest.process.pid, signal.SIGKILL)
+        nearest.process.wait(timeout=10)
+        # Nothing was sent yet when the dead host fails, so the next candidate answers.
+        client = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+        response = client.chat.completions.create(
+            model=SMOLLM2_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+        )
+        assert response.model_extra["expertmesh"]["node"] == other.node_id
+        wait_for(lambda: nearest.node_id not in alive_peer_ids(a), timeout_s=4 + 5, what="the dead peer to leave")
+        entry = next(m for m in get_json(a.url + "/v1/models")["data"] if m["id"] == SMOLLM2_ID)
+        assert entry["expertmesh"]["nodes"] == [other.node_id]
+        # Back with the same key (same node id) on a new port: it says hello and is listed again.
+        back = start_node(nearest.data_dir, "--model", "smollm2-135m", "--peer", a.url, *FAST)
+        try:
+            assert back.node_id == nearest.node_id
+            wait_for(lambda: back.node_id in alive_peer_ids(a), what="the peer to come back")
+        finally:
+            back.stop()
+    finally:
+        for node in (a, b, c):
+            node.stop()
+
+
+def test_kill_9_of_the_answering_peer_mid_stream_gives_a_clear_error(tmp_path: Path) -> None:
+    a = start_node(tmp_path / "a", "--model", "gemma3-270m", *FAST)
+    b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, *FAST)
+    try:
+        wait_for(lambda: SMOLLM2_ID in model_ids(a), what="A to list smollm2")
+        client = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+        stream = client.chat.completions.create(
+            model=SMOLLM2_ID,
+            messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+            max_tokens=1000,
+            stream=True,
+        )
+        received = []
+        with pytest.raises(openai.APIError) as raised:
+            for chunk in stream:
+                received.append(chunk)
+                if len(received) == 3:
+                    os.kill(b.process.pid, signal.SIGKILL)
+        assert len(received) >= 3
+        assert b.node_id in str(raised.value)
+        # A is unharmed and answers with its own expert.
+        assert client.chat.completions.create(
+            model=GEMMA3_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        ).choices
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_community_secret_keeps_outsiders_out(tmp_path: Path) -> None:
+    secret = ("--community-secret", "open sesame")
+    a = start_node(tmp_path / "a", "--model", "gemma3-270m", *secret, *FAST)
+    b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, *secret, *FAST)
+    outsider = start_node(tmp_path / "x", "--model", "smollm2-135m", "--peer", a.url, "--community-secret", "wrong", *FAST)
+    try:
+        wait_for(lambda: alive_peer_ids(a) == {b.node_id}, what="A to know B")
+        time.sleep(3)  # several hello rounds for the outsider
+        assert outsider.node_id not in alive_peer_ids(a)
+        assert alive_peer_ids(outsider) == set()
+
+        async def raw_hellos() -> tuple[int, int, int]:
+            identity = NodeIdentity.load_or_create(tmp_path / "raw")
+            body = _hello_bytes(identity)
+            async with aiohttp.ClientSession() as session:
+                statuses = []
+                for headers in ({}, {BODY_HMAC_HEADER: body_hmac(b"wrong", body)}, {BODY_HMAC_HEADER: body_hmac(b"open sesame", body)}):
+                    async with session.post(a.url + "/peer/v1/hello", data=body, headers=headers) as response:
+                        statuses.append(response.status)
+                return tuple(statuses)
+
+        assert asyncio.run(raw_hellos()) == (403, 403, 200)
+    finally:
+        for node in (a, b, outsider):
+            node.stop()
