@@ -48,7 +48,7 @@ class Sample:
     decode_s: float
 
 
-def _summary(samples: list[Sample]) -> tuple[float, float]:
+def summary(samples: list[Sample]) -> tuple[float, float]:
     """Decode tokens/s over all samples, and median time to first token in ms."""
     tokens = sum(s.decode_tokens for s in samples)
     seconds = sum(s.decode_s for s in samples)
@@ -169,7 +169,7 @@ async def main() -> None:
                 server[0].terminate()
                 server[0].wait(timeout=30)
 
-    direct_tps, direct_ttft = _summary(results["direct"])
+    direct_tps, direct_ttft = summary(results["direct"])
     sys.stdout.write(
         f"model {model.name}, {len(PROMPTS)} prompts x {args.rounds} rounds, {args.max_tokens} tokens each, "
         f"threads {args.threads or 'default'}, cpu count {os.cpu_count()}\n"
@@ -179,7 +179,7 @@ async def main() -> None:
         if not samples:
             sys.stdout.write(f"{name:<18} (not installed: pip install 'llama-cpp-python[server]')\n")
             continue
-        tps, ttft = _summary(samples)
+        tps, ttft = summary(samples)
         sys.stdout.write(f"{name:<18} {tps:>9.1f} {ttft:>8.1f} {tps / direct_tps:>9.3f}x {ttft - direct_ttft:>+14.1f}\n")
 
 
