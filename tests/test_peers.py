@@ -254,3 +254,21 @@ def test_community_secret_keeps_outsiders_out(tmp_path: Path) -> None:
     finally:
         for node in (a, b, outsider):
             node.stop()
+
+
+def test_three_nodes_find_each_other_by_mdns_alone(tmp_path: Path) -> None:
+    nodes = []
+    try:
+        for name, model in (("a", "smollm2-135m"), ("b", "gemma3-270m"), ("c", "smollm2-135m")):
+            nodes.append(start_node(tmp_path / name, "--model", model, *FAST, mdns=True))
+        ids = {n.node_id for n in nodes}
+        for node in nodes:
+            wait_for(lambda node=node: alive_peer_ids(node) == ids - {node.node_id}, what=f"{node.node_id} to meet both")
+            peers = get_json(node.url + "/v1/peers")["data"]
+            # No --peer anywhere: each address was found by mDNS, or heard in a hello that an mDNS find caused.
+            assert {p["source"] for p in peers} <= {"mdns", "exchange"}
+        assert any(p["source"] == "mdns" for node in nodes for p in get_json(node.url + "/v1/peers")["data"])
+        wait_for(lambda: GEMMA3_ID in model_ids(nodes[0]), what="a to list b's expert")
+    finally:
+        for node in nodes:
+            node.stop()
