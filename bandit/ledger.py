@@ -111,6 +111,7 @@ class Rewarded:
     decision: Decision
     reward: float
     rewarded_ms: int
+    seq: int = 0  # the reward's arrival order, for replaying only what a saved policy has not learned
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,9 @@ class Ledger:
             ).fetchone()
         return None if row is None else _rewarded(row)
 
-    def iter_rewarded(self, batch_size: int = 500) -> Iterator[Rewarded]:
-        """Rated decisions in the order their rewards arrived (the order to replay)."""
-        after = 0
+    def iter_rewarded(self, batch_size: int = 500, *, after_seq: int = 0) -> Iterator[Rewarded]:
+        """Rated decisions in the order their rewards arrived (the order to replay), after `after_seq`."""
+        after = after_seq
         while True:
             # Paged, so the lock is not held while the caller works on each item.
             with self._lock:
@@ -293,6 +294,16 @@ class Ledger:
             for row in rows:
                 yield _rewarded(row)
             after = rows[-1]["reward_seq"]
+
+    def recent(self, limit: int = 5000) -> list[tuple[Decision, float | None]]:
+        """The latest decisions, oldest first, each with its reward (None when unrated)."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS}, r.reward FROM decisions d LEFT JOIN rewards r ON r.decision_id = d.decision_id"
+                " ORDER BY d.rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(_decision(row), None if row["reward"] is None else float(row["reward"])) for row in reversed(rows)]
 
     def stats(self) -> LedgerStats:
         """How many decisions, ratings and fallbacks, and the mean reward."""
@@ -340,7 +351,7 @@ def _decision(row: sqlite3.Row) -> Decision:
 
 def _rewarded(row: sqlite3.Row) -> Rewarded:
     """A Rewarded from a row selected with `_COLUMNS` plus the reward columns."""
-    return Rewarded(_decision(row), float(row["reward"]), int(row["rewarded_ms"]))
+    return Rewarded(_decision(row), float(row["reward"]), int(row["rewarded_ms"]), int(row["reward_seq"]))
 
 
 def replay(ledger: Ledger, policy: Learner) -> int:

@@ -196,8 +196,10 @@ class Policy:
         self._exploration = exploration
         self._max_importance_weight = max_importance_weight
         self.version = 0
+        self.meta: dict[str, Any] = {}  # what the caller saved beside the model (e.g. what it has learned)
         if model_path is not None:
             header, self._workspace = _load_workspace(Path(model_path), seed)
+            self.meta = dict(header.get("meta") or {})
             self._args = [str(a) for a in header.get("args", [])]
             self.version = int(header.get("version", 0))
             self._max_importance_weight = float(
@@ -309,8 +311,8 @@ class Policy:
         )
         return ranked[:k]
 
-    def save(self, path: Path) -> None:
-        """Write the model atomically (temp file, fsync, rename), with a checksum."""
+    def save(self, path: Path, *, meta: dict[str, Any] | None = None) -> None:
+        """Write the model atomically (temp file, fsync, rename), with a checksum and the caller's `meta`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".policy-") as tmp:
@@ -324,6 +326,7 @@ class Policy:
                 "max_importance_weight": self._max_importance_weight,
                 "size": len(model),
                 "sha256": hashlib.sha256(model).hexdigest(),
+                "meta": meta or {},
             }
             framed = Path(tmp) / "policy"
             with open(framed, "wb") as out:

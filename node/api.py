@@ -26,7 +26,8 @@ from node.experts import (
 )
 from node.metrics import NodeMetrics
 from node.network import Network, RemoteExpert
-from node.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from node.router import RATINGS, Routed, Router, parse_constraints
+from node.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
 from peers.client import PeerClient, PeerError, PeerRejected
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
@@ -52,6 +53,7 @@ metrics_key = web.AppKey("metrics", NodeMetrics)
 node_info_key = web.AppKey("node_info", NodeInfo)
 network_key = web.AppKey("network", Network)
 peer_client_key = web.AppKey("peer_client", PeerClient)
+router_key = web.AppKey("router", Router)
 
 
 def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -166,8 +168,11 @@ class Generation:
         node_id: str,
         events: AsyncIterator[GenerationEvent],
         release=None,
+        *,
+        record_metrics: bool = True,
     ) -> None:
-        self._metrics = app[metrics_key]
+        self._metrics = app[metrics_key] if record_metrics else None
+        self.extra: dict[str, Any] = {}  # routing details added to the provenance
         self.expert_id = expert_id
         self.node_id = node_id  # a forwarded generation learns it when a peer starts answering
         self._events = events
@@ -180,12 +185,15 @@ class Generation:
         self._events = events
 
     def provenance(self) -> dict[str, Any]:
-        """Which expert on which node answered."""
-        return {"expert": self.expert_id, "node": self.node_id}
+        """Which expert on which node answered (and, when routed, why and how to rate it)."""
+        return {"expert": self.expert_id, "node": self.node_id, **self.extra}
 
     async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
         try:
             async for event in self._events:
+                if self._metrics is None:
+                    yield event
+                    continue
                 if self._first and isinstance(event, Delta):
                     self._first = False
                     self._metrics.time_to_first_token.labels(self.expert_id).observe(
@@ -380,18 +388,86 @@ def _headers(generation: Generation) -> dict[str, str]:
     return {"X-Expertmesh-Expert": generation.expert_id, "X-Expertmesh-Node": generation.node_id}
 
 
+def routed_generation(
+    app: web.Application, routed: Routed, messages: list[ChatMessage], params: GenerationParams
+) -> Generation:
+    """Answer with the routed choice; when it fails before its first token the next candidate answers."""
+    chosen = routed.candidates[routed.decision.chosen_index].features
+    generation = Generation(app, chosen.expert_id, chosen.node_id, _no_events(), record_metrics=False)
+    generation.extra = {
+        "decision_id": routed.decision.decision_id,
+        "feedback_token": routed.token,
+        "probability": round(routed.decision.chosen_probability, 4),
+        "policy_version": routed.decision.policy_version,
+        "explanation": routed.explanation,
+    }
+    generation.attach(_routed_events(app, routed, messages, params, generation))
+    return generation
+
+
+async def _routed_events(
+    app: web.Application, routed: Routed, messages: list[ChatMessage], params: GenerationParams, outer: Generation
+) -> AsyncIterator[GenerationEvent]:
+    """Events of the first candidate, in the routed order, that starts answering."""
+    failures: list[str] = []
+    first_error: NodeError | None = None
+    busy = 0
+    for index in routed.order:
+        candidate = routed.candidates[index]
+        try:
+            if candidate.local is not None:
+                prompt_tokens, stops = candidate.local.tokenize_chat(messages)
+                inner = start_generation(app, candidate.local, prompt_tokens, stops, params)
+            else:
+                inner = forward_generation(app, [candidate.remote], messages, params)
+            events = inner.__aiter__()
+            first = await events.__anext__()
+        except NodeError as exc:
+            log.info("candidate %s on %s failed before answering: %s", candidate.features.expert_id, candidate.features.node_id, exc.message)
+            failures.append(f"{candidate.features.expert_id} on {candidate.features.node_id}: {exc.message}")
+            first_error = first_error or exc
+            busy += isinstance(exc, ExpertBusy)
+            continue
+        if index != routed.decision.chosen_index:
+            reason = "; ".join(failures)
+            await app[router_key].record_fallback(routed.decision.decision_id, index, reason)
+            outer.extra["fallback"] = {"from": routed.candidates[routed.decision.chosen_index].features.expert_id, "reason": reason}
+        outer.expert_id, outer.node_id = inner.expert_id, inner.node_id
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+        return
+    if busy == len(routed.order):
+        raise first_error
+    if isinstance(first_error, InvalidRequest):
+        raise first_error
+    raise PeerUnavailable(f"no candidate could answer: {'; '.join(failures)}")
+
+
+def _routing_text(messages: list[ChatMessage]) -> str:
+    """What the router reads of a conversation: the last user message."""
+    return next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/chat/completions`: on a local expert, or forwarded to the peer that hosts it."""
+    """`POST /v1/chat/completions`: routed (`auto`), on a local expert, or forwarded to the peer hosting it."""
     app = request.app
     body = parse_body(await read_body(request), ChatCompletionRequest)
-    target = resolve_target(app, body.model)
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     params = generation_params(body, app[settings_key])
-    if isinstance(target, LocalExpert):
-        prompt_tokens, stops = target.tokenize_chat(messages)
-        generation = start_generation(app, target, prompt_tokens, stops, params)
+    if body.model == AUTO_MODEL:
+        routed = await app[router_key].route(_routing_text(messages), parse_constraints(body.expertmesh))
+        generation = routed_generation(app, routed, messages, params)
     else:
-        generation = forward_generation(app, target, messages, params)
+        target = resolve_target(app, body.model)
+        if isinstance(target, LocalExpert):
+            prompt_tokens, stops = target.tokenize_chat(messages)
+            generation = start_generation(app, target, prompt_tokens, stops, params)
+        else:
+            generation = forward_generation(app, target, messages, params)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
@@ -562,6 +638,51 @@ async def list_peers(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "node_id": request.app[node_info_key].node_id, "data": data})
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """`POST /v1/feedback`: rate a routed answer; stored first, then learned."""
+    body = parse_body(await read_body(request), FeedbackRequest)
+    reward = RATINGS[body.rating] if body.rating is not None else body.reward
+    router = request.app[router_key]
+    await router.feedback(body.decision_id, body.token, reward)
+    return web.json_response(
+        {"decision_id": body.decision_id, "reward": reward, "recorded": True, "policy_version": router.policy_version}
+    )
+
+
+async def get_decision(request: web.Request) -> web.Response:
+    """`GET /v1/decisions/{id}`: a routing decision as recorded, with its reward."""
+    decision, reward = await request.app[router_key].decision(request.match_info["decision_id"])
+
+    def expert(index: int) -> dict[str, Any]:
+        features = decision.candidates[index]
+        return {
+            "expert": features.expert_id,
+            "node": features.node_id,
+            "local": features.local,
+            "probability": decision.probabilities[index],
+        }
+
+    return web.json_response(
+        {
+            "decision_id": decision.decision_id,
+            "created_ms": decision.created_ms,
+            "task": decision.query.task.value,
+            "policy_version": decision.policy_version,
+            "status": decision.status.value,
+            "chosen": expert(decision.chosen_index),
+            "served": expert(decision.served_index),
+            "fallback_reason": decision.fallback_reason,
+            "candidates": [expert(i) for i in range(len(decision.candidates))],
+            "reward": reward,
+        }
+    )
+
+
+async def router_stats(request: web.Request) -> web.Response:
+    """`GET /v1/router/stats`: reward over time and routing shares, for the learning view."""
+    return web.json_response(await request.app[router_key].stats())
+
+
 async def healthz(request: web.Request) -> web.Response:
     """`GET /healthz`: alive, with the experts loaded."""
     app = request.app
@@ -593,5 +714,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/v1/peers", list_peers)
+    app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/v1/decisions/{decision_id}", get_decision)
+    app.router.add_get("/v1/router/stats", router_stats)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -21,6 +21,7 @@ from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_ex
 from node.metrics import create_metrics
 from node.network import Network
 from node.peer_store import PeerStore
+from node.router import RouteConstraints, Router
 from peers.client import PeerClient
 from peers.identity import NodeIdentity
 
@@ -43,6 +44,7 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
             size_bytes=model.size_bytes,
             family=model.family,
             quantization=model.quantization,
+            params=catalog.CATALOG[model.name].params if model.name in catalog.CATALOG else None,
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
@@ -98,6 +100,29 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
             store.close()
 
 
+async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.settings_key]
+    node_constraints = RouteConstraints(
+        approved=settings.approved,
+        exclude=settings.denied,
+        local_only=settings.local_only,
+        min_scores=settings.min_scores,
+    )
+    router = Router(
+        app[api.pool_key],
+        app[api.network_key],
+        settings.data_dir,
+        node_constraints=node_constraints,
+        exploration=settings.exploration,
+    )
+    await router.start()
+    app[api.router_key] = router
+    try:
+        yield
+    finally:
+        await router.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     """Compose the node's application."""
     app = web.Application(
@@ -109,6 +134,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
+    app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)
     return app

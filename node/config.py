@@ -46,13 +46,20 @@ class Settings:
     community_secret: str | None = None  # when set, every peer request must carry its HMAC
     peer_dead_after_s: float = 15.0
     hello_interval_s: float = 5.0
+    # The approved set: node ids, expert ids, model names or families, sha256 (12+ hex prefix).
+    approved: tuple[str, ...] = ()  # empty: every expert
+    denied: tuple[str, ...] = ()
+    local_only: bool = False
+    min_scores: dict[str, float] = field(default_factory=dict)  # judged score per dimension, 0..1
+    exploration: str = "squarecb"  # or "epsilon", "softmax"
 
 
 _INT_FIELDS = {"port", "n_ctx", "n_threads", "n_gpu_layers", "queue_size", "max_body_bytes", "max_tokens_default"}
 _PATH_FIELDS = {"data_dir", "models_dir"}
 _FLOAT_FIELDS = {"peer_dead_after_s", "hello_interval_s"}
-_BOOL_FIELDS = {"mdns"}
-_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls"}
+_BOOL_FIELDS = {"mdns", "local_only"}
+_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
+_EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -86,8 +93,16 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise InvalidRequest(f"setting {name!r} must be a list of strings", param=name)
         return tuple(value)
+    if name == "min_scores":
+        if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value.values()
+        ):
+            raise InvalidRequest("setting 'min_scores' must be a table of dimension = number in [0, 1]", param=name)
+        return {str(k): float(v) for k, v in value.items()}
     if not isinstance(value, str):
         raise InvalidRequest(f"setting {name!r} must be a string", param=name)
+    if name == "exploration" and value not in _EXPLORATIONS:
+        raise InvalidRequest(f"setting 'exploration' must be one of {', '.join(_EXPLORATIONS)}", param=name)
     return value
 
 
@@ -114,7 +129,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     for key in names:
         env_value = env.get(ENV_PREFIX + key.upper())
-        if env_value is not None and env_value != "":
+        if env_value is not None and env_value != "" and key != "min_scores":
             values[key] = _coerce(key, env_value)
     for key, value in (overrides or {}).items():
         if value is not None:

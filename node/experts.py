@@ -37,6 +37,7 @@ class ExpertSpec:
     quantization: str | None
     prompt_style: PromptStyle
     n_ctx: int
+    params: str | None = None  # parameter count as a label, e.g. "135M"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class LocalExpert:
     def capacity(self) -> int:
         """Most requests admitted at once: one running plus the queue."""
         return 1 + self._queue_size
+
+    def average_request_s(self) -> float | None:
+        """Mean duration of the last requests, None before the first."""
+        return sum(self._recent_s) / len(self._recent_s) if self._recent_s else None
 
     def retry_after_s(self) -> int:
         """A hint for a refused client: about how long the queue takes to drain."""
@@ -293,6 +298,7 @@ def load_expert(
     size_bytes: int,
     family: str | None,
     quantization: str | None,
+    params: str | None = None,
     n_ctx: int,
     n_threads: int | None,
     n_gpu_layers: int,
@@ -319,6 +325,7 @@ def load_expert(
         quantization=quantization,
         prompt_style=detect_prompt_style(llama.metadata),
         n_ctx=llama.n_ctx(),
+        params=params,
     )
     log.info(
         "expert %s loaded in %.1f s (%s prompts, n_ctx %d, gpu offload %s)",

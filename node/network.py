@@ -99,7 +99,7 @@ class Network:
                 expert_id=e.spec.id,
                 name=e.spec.name,
                 family=e.spec.family,
-                params=None,
+                params=e.spec.params,
                 quantization=e.spec.quantization,
                 sha256=e.spec.sha256,
                 prompt_style=e.spec.prompt_style,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.errors import InvalidRequest
 
@@ -92,6 +92,21 @@ class CompletionRequest(_Sampling):
     def prompt_text(self) -> str:
         """The single prompt."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class FeedbackRequest(_Strict):
+    """`POST /v1/feedback` body: a thumbs up or down, or a reward in [0, 1]."""
+
+    decision_id: Annotated[str, Field(min_length=1, max_length=64)]
+    token: Annotated[str, Field(min_length=1, max_length=256)]
+    rating: Literal["up", "down"] | None = None
+    reward: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_rating_or_reward(self) -> "FeedbackRequest":
+        if (self.rating is None) == (self.reward is None):
+            raise ValueError("give exactly one of 'rating' (up or down) and 'reward' (0..1)")
+        return self
 
 
 Request = TypeVar("Request", bound=BaseModel)

@@ -124,11 +124,19 @@ def test_models_lists_auto_and_every_expert(client: openai.OpenAI, node: Running
     assert client.models.retrieve(GEMMA3_ID).id == GEMMA3_ID
 
 
-def test_auto_takes_the_first_local_expert(client: openai.OpenAI) -> None:
+def test_auto_is_routed_and_explained(client: openai.OpenAI, node: RunningNode) -> None:
     response = client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
     )
-    assert response.model == SMOLLM2_ID
+    routing = response.model_extra["expertmesh"]
+    assert response.model in (SMOLLM2_ID, GEMMA3_ID)
+    assert routing["expert"] == response.model and routing["node"] == node.node_id
+    assert routing["decision_id"] and routing["feedback_token"]
+    assert 0 < routing["probability"] <= 1
+    candidates = routing["explanation"]["candidates"]
+    assert {c["expert"] for c in candidates} == {SMOLLM2_ID, GEMMA3_ID}
+    assert abs(sum(c["probability"] for c in candidates) - 1) < 1e-3
+    assert routing["explanation"]["task"]
 
 
 def test_unknown_model_is_a_404_through_the_client(client: openai.OpenAI) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -272,3 +274,27 @@ def test_three_nodes_find_each_other_by_mdns_alone(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_known_peers_are_remembered_across_restarts(tmp_path: Path) -> None:
+    b = start_node(tmp_path / "b", "--model", "smollm2-135m", *FAST)
+    try:
+        a = start_node(tmp_path / "a", "--model", "gemma3-270m", "--peer", b.url, *FAST)
+        try:
+            wait_for(lambda: b.node_id in alive_peer_ids(a), what="A to meet B")
+        finally:
+            a.stop()
+        # No --peer this time: A finds B again from its peer database.
+        again = start_node(tmp_path / "a", "--model", "gemma3-270m", *FAST)
+        try:
+            wait_for(lambda: b.node_id in alive_peer_ids(again), what="A to remember B")
+            listing = subprocess.run(
+                [sys.executable, "-m", "node", "peers", "--node", again.url],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert listing.returncode == 0, listing.stderr
+            assert b.node_id in listing.stdout and SMOLLM2_ID in listing.stdout
+        finally:
+            again.stop()
+    finally:
+        b.stop()
