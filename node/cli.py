@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--max-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float)
+    ask.add_argument("--rate", choices=("up", "down"), help="rate the answer without asking (for scripts)")
+    ask.add_argument("--no-rate", action="store_true", help="do not ask for a rating")
+
+    report = commands.add_parser("report", help="what the router learned, from the ledger")
+    report.add_argument("--data-dir", type=Path, help="the node's data dir")
     return parser
 
 
@@ -163,6 +168,29 @@ async def _ask(args: argparse.Namespace) -> int:
                         sys.stdout.flush()
                 sys.stdout.write("\n")
             sys.stderr.write(f"-- answered by {provenance.get('expert')} on node {provenance.get('node')}\n")
+            if provenance.get("decision_id") and not args.no_rate:
+                return await _rate(session, args, provenance)
+    return 0
+
+
+def _ask_rating() -> str | None:
+    """Ask the person at the terminal for a thumbs up or down."""
+    if not sys.stdin.isatty():
+        return None
+    answer = input("rate this answer: [u]p, [d]own, Enter to skip: ").strip().lower()
+    return {"u": "up", "up": "up", "d": "down", "down": "down", "+": "up", "-": "down"}.get(answer)
+
+
+async def _rate(session: aiohttp.ClientSession, args: argparse.Namespace, provenance: dict) -> int:
+    rating = args.rate or _ask_rating()
+    if rating is None:
+        return 0
+    body = {"decision_id": provenance["decision_id"], "token": provenance["feedback_token"], "rating": rating}
+    async with session.post(args.node.rstrip("/") + "/v1/feedback", json=body) as response:
+        if response.status != 200:
+            sys.stderr.write(f"rating not recorded: {response.status}: {_error_message(await response.text())}\n")
+            return 1
+    sys.stderr.write(f"-- rated {rating}, thank you\n")
     return 0
 
 
@@ -205,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "peers":
             return asyncio.run(_peers(args))
+        if args.command == "report":
+            from node.report import render
+
+            sys.stdout.write(render(args.data_dir or load_settings().data_dir))
+            return 0
         return asyncio.run(_ask(args))
     except NodeError as exc:
         sys.stderr.write(f"expertmesh: {exc.message}\n")

@@ -166,3 +166,23 @@ def test_routing_follows_a_users_ratings_across_two_nodes(tmp_path: Path) -> Non
     finally:
         a.stop()
         b.stop()
+
+
+def test_cli_ask_rates_and_report_compares_policies(node: RunningNode) -> None:
+    import subprocess
+    import sys
+
+    asked = subprocess.run(
+        [sys.executable, "-m", "node", "ask", "What is 5 plus 6?", "--node", node.url, "--max-tokens", "4", "--rate", "down"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert "rated down" in asked.stderr
+    report = subprocess.run(
+        [sys.executable, "-m", "node", "report", "--data-dir", str(node.data_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert report.returncode == 0, report.stderr
+    for row in ("router (logged)", "random", "judge-greedy", f"always {SMOLLM2_ID}", f"always {GEMMA3_ID}"):
+        assert row in report.stdout
+    stats = get_json(node.url + "/v1/router/stats")
+    assert stats["rated"] >= 2 and stats["reward_over_time"] and stats["share_by_task"]["arithmetic"]
