@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, peer_api
+from node import api, catalog, peer_api, web_routes
 from node.config import Settings
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.metrics import create_metrics
@@ -137,6 +137,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)
+    web_routes.add_routes(app)
     return app
 
 
