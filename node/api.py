@@ -14,7 +14,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
-from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PayloadTooLarge, PeerUnavailable
+from node.errors import (
+    ExpertBusy,
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    NodeError,
+    PayloadTooLarge,
+    PeerUnavailable,
+)
 from node.experts import (
     ChatMessage,
     Delta,
@@ -26,8 +34,9 @@ from node.experts import (
 )
 from node.metrics import NodeMetrics
 from node.network import Network, RemoteExpert
+from node.judging import Judging, card_view
 from node.router import RATINGS, Routed, Router, parse_constraints
-from node.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
+from node.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, JudgeRequest, parse_body
 from peers.client import PeerClient, PeerError, PeerRejected
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
@@ -54,6 +63,7 @@ node_info_key = web.AppKey("node_info", NodeInfo)
 network_key = web.AppKey("network", Network)
 peer_client_key = web.AppKey("peer_client", PeerClient)
 router_key = web.AppKey("router", Router)
+judging_key = web.AppKey("judging", Judging)
 
 
 def error_body(message: str, error_type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -683,6 +693,70 @@ async def router_stats(request: web.Request) -> web.Response:
     return web.json_response(await request.app[router_key].stats())
 
 
+async def list_experts(request: web.Request) -> web.Response:
+    """`GET /v1/experts`: every known expert with its capability cards by judge, flags and live figures."""
+    judging = request.app[judging_key]
+    rows = await asyncio.to_thread(judging.experts_view)
+    return web.json_response({"object": "list", "data": rows})
+
+
+def _loopback_only(request: web.Request) -> None:
+    """Judging runs cost minutes of model time: only a local client may start one."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    host = peer[0] if peer else ""
+    if not (host.startswith("127.") or host == "::1"):
+        raise Forbidden("judging can only be started from this machine")
+
+
+async def judge(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/judge`: judge local experts (or a peer's), streaming progress as JSON lines, then the cards."""
+    _loopback_only(request)
+    body = parse_body(await read_body(request), JudgeRequest)
+    judging = request.app[judging_key]
+    pool = request.app[pool_key]
+    if body.peer is None:
+        experts = [resolve_expert(pool, body.expert)] if body.expert else list(pool)
+    elif not body.expert:
+        raise InvalidRequest("judging a peer needs the expert id", param="expert")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def progress(expert_id: str, done: int, total: int) -> None:
+        lines.put_nowait({"type": "progress", "expert": expert_id, "done": done, "total": total})
+
+    async def run() -> None:
+        try:
+            if body.peer is not None:
+                signed = await judging.judge_peer(
+                    body.peer, body.expert, dimensions=body.dimensions, items_per_dimension=body.items_per_dimension or 8, progress=progress
+                )
+                lines.put_nowait({"type": "card", "card": card_view(signed.card)})
+            for expert in experts if body.peer is None else []:
+                signed = await judging.judge_local(
+                    expert, dimensions=body.dimensions, items_per_dimension=body.items_per_dimension, force=body.force, progress=progress
+                )
+                lines.put_nowait({"type": "card", "card": card_view(signed.card)})
+        except NodeError as exc:
+            lines.put_nowait({"type": "error", "error": error_body(exc.message, exc.error_type, exc.code)["error"]})
+        finally:
+            lines.put_nowait({"type": "end"})
+
+    task = asyncio.create_task(run())
+    try:
+        while True:
+            line = await lines.get()
+            await response.write((json.dumps(line) + "\n").encode())
+            if line["type"] == "end":
+                break
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await response.write_eof()
+    return response
+
+
 async def healthz(request: web.Request) -> web.Response:
     """`GET /healthz`: alive, with the experts loaded."""
     app = request.app
@@ -717,5 +791,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/feedback", feedback)
     app.router.add_get("/v1/decisions/{decision_id}", get_decision)
     app.router.add_get("/v1/router/stats", router_stats)
+    app.router.add_get("/v1/experts", list_experts)
+    app.router.add_post("/v1/judge", judge)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -18,6 +18,7 @@ from aiohttp import web
 from node import api, catalog, peer_api, web_routes
 from node.config import Settings
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
+from node.judging import Judging
 from node.metrics import create_metrics
 from node.network import Network
 from node.peer_store import PeerStore
@@ -100,6 +101,28 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
             store.close()
 
 
+async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.settings_key]
+    network = app[api.network_key]
+    judging = Judging(
+        app[identity_key],
+        app[api.pool_key],
+        network,
+        app[api.peer_client_key],
+        settings.data_dir,
+        judge_on_start=settings.judge_on_start,
+        items_per_dimension=settings.judge_items_per_dimension,
+    )
+    network.card_extras = judging.hello_cards
+    network.on_peer_card = judging.accept_node_card
+    await judging.start()
+    app[api.judging_key] = judging
+    try:
+        yield
+    finally:
+        await judging.close()
+
+
 async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.settings_key]
     node_constraints = RouteConstraints(
@@ -114,6 +137,7 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
+        judged_scores=app[api.judging_key].judged_scores,
     )
     await router.start()
     app[api.router_key] = router
@@ -134,6 +158,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
+    app.cleanup_ctx.append(_judging_ctx)
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)

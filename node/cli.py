@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--community-secret", help="shared secret every peer request must prove (HMAC)")
     start.add_argument("--peer-dead-after-s", type=float, help="seconds without a hello before a peer is dead (15)")
     start.add_argument("--hello-interval-s", type=float, help="seconds between hellos to each peer (5)")
+    start.add_argument("--no-judge", action="store_false", dest="judge_on_start", default=None, help="do not judge at start")
+    start.add_argument("--judge-items", type=int, dest="judge_items_per_dimension", help="probes per dimension (default all)")
+
+    judge = commands.add_parser("judge", help="judge experts on the capability suites (local, or a peer's)")
+    judge.add_argument("expert", nargs="?", help="expert id (default: every local expert)")
+    judge.add_argument("--peer", help="node id of the peer hosting EXPERT: judge it independently")
+    judge.add_argument("--dimensions", nargs="+", help="only these dimensions")
+    judge.add_argument("--items", type=int, dest="items_per_dimension", help="probes per dimension (default all; 8 for a peer)")
+    judge.add_argument("--force", action="store_true", help="judge again even if a card is stored")
+    judge.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
 
     pull = commands.add_parser("pull", help="fetch a model into the cache")
     pull.add_argument("name", help=f"one of {', '.join(catalog.CATALOG)} or a .gguf path")
@@ -107,6 +117,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "community_secret": args.community_secret,
         "peer_dead_after_s": args.peer_dead_after_s,
         "hello_interval_s": args.hello_interval_s,
+        "judge_on_start": args.judge_on_start,
+        "judge_items_per_dimension": args.judge_items_per_dimension,
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)
@@ -212,6 +224,47 @@ async def _peers(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _judge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    body = {"expert": args.expert, "peer": args.peer, "dimensions": args.dimensions, "force": args.force}
+    if args.items_per_dimension:
+        body["items_per_dimension"] = args.items_per_dimension
+    bars: dict[str, tqdm] = {}
+    cards: list[dict] = []
+    failed = False
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
+        async with session.post(args.node.rstrip("/") + "/v1/judge", json=body) as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+            async for raw in response.content:
+                line = json.loads(raw)
+                if line["type"] == "progress":
+                    bar = bars.get(line["expert"])
+                    if bar is None:
+                        bar = bars[line["expert"]] = tqdm(total=line["total"], desc=line["expert"], unit="probe")
+                    bar.update(line["done"] - bar.n)
+                elif line["type"] == "card":
+                    cards.append(line["card"])
+                elif line["type"] == "error":
+                    sys.stderr.write(f"error: {line['error']['message']}\n")
+                    failed = True
+    for bar in bars.values():
+        bar.close()
+    for card in cards:
+        sys.stdout.write(
+            f"\n{card['expert']} judged by {card['judge']} ({card['sample']}, suite {card['suite_version']})\n"
+            f"{'DIMENSION':<16} {'SCORE':>6}  {'95% CI':<13} {'N':>4}\n"
+        )
+        for dimension, score in card["scores"].items():
+            interval = f"{score['ci_low']:.2f}-{score['ci_high']:.2f}"
+            sys.stdout.write(f"{dimension:<16} {score['mean']:>6.3f}  {interval:<13} {score['n']:>4}\n")
+        perf = card["performance"]
+        sys.stdout.write(f"{'speed':<16} {perf['tokens_per_s']:>6.1f} tokens/s, ttft {perf['ttft_ms']:.0f} ms, context {perf['n_ctx']}\n")
+    return 1 if failed else 0
+
+
 def _error_message(text: str) -> str:
     try:
         return json.loads(text)["error"]["message"]
@@ -233,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_models(args)
         if args.command == "peers":
             return asyncio.run(_peers(args))
+        if args.command == "judge":
+            return asyncio.run(_judge(args))
         if args.command == "report":
             from node.report import render
 

@@ -52,12 +52,23 @@ class Settings:
     local_only: bool = False
     min_scores: dict[str, float] = field(default_factory=dict)  # judged score per dimension, 0..1
     exploration: str = "squarecb"  # or "epsilon", "softmax"
+    judge_on_start: bool = True  # judge local experts in the background (a stored card is reused)
+    judge_items_per_dimension: int | None = None  # None: every item of every suite
 
 
-_INT_FIELDS = {"port", "n_ctx", "n_threads", "n_gpu_layers", "queue_size", "max_body_bytes", "max_tokens_default"}
+_INT_FIELDS = {
+    "port",
+    "n_ctx",
+    "n_threads",
+    "n_gpu_layers",
+    "queue_size",
+    "max_body_bytes",
+    "max_tokens_default",
+    "judge_items_per_dimension",
+}
 _PATH_FIELDS = {"data_dir", "models_dir"}
 _FLOAT_FIELDS = {"peer_dead_after_s", "hello_interval_s"}
-_BOOL_FIELDS = {"mdns", "local_only"}
+_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start"}
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 from node.config import Settings
 from node.experts import ExpertPool
@@ -69,7 +69,6 @@ class Network:
         store: PeerStore,
         *,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-        card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: (),
     ) -> None:
         self._settings = settings
         self._identity = identity
@@ -77,7 +76,10 @@ class Network:
         self._client = client
         self._store = store
         self._clock_ms = clock_ms
-        self._card_extras = card_extras
+        # Set by the judge once it exists: the cards a local expert's hello entry carries, and
+        # what to do with a verified peer card (keep the capability cards it carries).
+        self.card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: ()
+        self.on_peer_card: Callable[[NodeCard], Awaitable[None]] | None = None
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
             hello_interval_ms=int(settings.hello_interval_s * 1000),
@@ -107,7 +109,7 @@ class Network:
                 queue_depth=e.queue_depth,
                 queue_size=e.capacity - 1,
                 tokens_per_s=None,
-                cards=tuple(self._card_extras(e.spec.id)),
+                cards=tuple(self.card_extras(e.spec.id)),
             )
             for e in self._pool
         )
@@ -197,6 +199,7 @@ class Network:
         card = verify_card(hello.card)
         now = self._clock_ms()
         if card.node_id != self._identity.node_id:
+            self._peer_card(card)
             known = self.table.peers.get(card.node_id)
             for url in card.addresses:
                 if known is None or known.url != url:
@@ -242,6 +245,11 @@ class Network:
                     self._spawn(self._exchange(random.choice(alive).url))
             await asyncio.sleep(TICK_S)
 
+    def _peer_card(self, card: NodeCard) -> None:
+        """Hand a verified peer card to whoever keeps its capability cards."""
+        if self.on_peer_card is not None and any(e.cards for e in card.experts):
+            self._spawn(self.on_peer_card(card))
+
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
@@ -279,6 +287,7 @@ class Network:
             self._apply(peer_table.HelloSucceeded(url, card, rtt_ms, now, source))
             if card.node_id == self._identity.node_id:
                 return
+            self._peer_card(card)
             if not was_alive:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
                 # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.

@@ -22,6 +22,7 @@ from peers.wire import (
     BODY_HMAC_HEADER,
     CONTENT_TYPE,
     MAX_HOPS,
+    CardSubmission,
     GenerateFrame,
     GenerateRequest,
     Hello,
@@ -138,8 +139,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await events.aclose()
 
 
+async def cards(request: web.Request) -> web.Response:
+    """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
+    message: CardSubmission = await _read_message(request, CardSubmission)
+    await request.app[api.judging_key].accept_submitted(message.card)
+    return _msgpack_response(message)
+
+
 def add_routes(app: web.Application) -> None:
     """Mount the peer API."""
     app.router.add_post(f"{PEER_PATH}/hello", hello)
     app.router.add_post(f"{PEER_PATH}/peers", peers)
     app.router.add_post(f"{PEER_PATH}/generate", generate)
+    app.router.add_post(f"{PEER_PATH}/cards", cards)

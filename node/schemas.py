@@ -109,6 +109,16 @@ class FeedbackRequest(_Strict):
         return self
 
 
+class JudgeRequest(_Strict):
+    """`POST /v1/judge` body."""
+
+    expert: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # None: every local expert
+    peer: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # a peer's node id
+    dimensions: Annotated[list[str], Field(min_length=1, max_length=16)] | None = None
+    items_per_dimension: Annotated[int, Field(ge=1, le=1000)] | None = None
+    force: bool = False
+
+
 Request = TypeVar("Request", bound=BaseModel)
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}

@@ -12,6 +12,7 @@ import msgpack
 from peers.wire import (
     BODY_HMAC_HEADER,
     CONTENT_TYPE,
+    CardSubmission,
     FrameReader,
     GenerateFrame,
     GenerateRequest,
@@ -97,6 +98,10 @@ class PeerClient:
     async def peers(self, url: str, max_peers: int, *, timeout_s: float = 5.0) -> PeersReply:
         """Ask the node at `url` for the peers it knows to be alive."""
         return await self._call(url, "peers", PeersRequest(max_peers=max_peers), PeersReply, timeout_s)
+
+    async def submit_card(self, url: str, card: bytes, *, timeout_s: float = 5.0) -> None:
+        """Hand the node at `url` a signed capability card about one of its experts."""
+        await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s)
 
     async def generate(
         self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0, idle_timeout_s: float = 120.0

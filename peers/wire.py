@@ -197,6 +197,14 @@ class PeersReply(WireMessage):
 
 
 @dataclass(frozen=True)
+class CardSubmission(WireMessage):
+    """A judge hands the node hosting an expert its signed capability card about it (opaque here)."""
+
+    TYPE: ClassVar[str] = "card"
+    card: bytes = _wire(min_len=1, max_len=4096)
+
+
+@dataclass(frozen=True)
 class ChatMessage(WireRecord):
     """One turn of a conversation."""
 

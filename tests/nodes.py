@@ -44,8 +44,14 @@ class RunningNode:
         return self.process.returncode
 
 
-def start_node(data_dir: Path, *args: str, env: dict[str, str] | None = None, mdns: bool = False) -> RunningNode:
-    """Start `expertmesh start` on 127.0.0.1 port 0 and wait until it serves; mDNS only on loopback, if at all."""
+def start_node(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, mdns: bool = False, judge: bool = False
+) -> RunningNode:
+    """Start `expertmesh start` on 127.0.0.1 port 0 and wait until it serves.
+
+    mDNS runs only on loopback, if at all; judging at start is off unless asked for, so tests
+    are not slowed by minutes of background probes.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     node_file = data_dir / "node.json"
     node_file.unlink(missing_ok=True)
@@ -53,7 +59,7 @@ def start_node(data_dir: Path, *args: str, env: dict[str, str] | None = None, md
     command = [
         sys.executable, "-m", "node", "start",
         "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-        *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]), *args,
+        *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]), *([] if judge else ["--no-judge"]), *args,
     ]
     log_file = open(log_path, "ab")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -1,0 +1,393 @@
+"""The node's judge: judges its own experts at start, peers' experts on demand, and keeps every card it sees."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PeerUnavailable
+from node.experts import ExpertPool, LocalExpert
+from node.judge.cards import (
+    CapabilityCard,
+    CardError,
+    CardStore,
+    SignedCapabilityCard,
+    decode_signed_card,
+    encode_signed_card,
+    flag_disagreements,
+    sample_label,
+    sign_capability_card,
+    verify_capability_card,
+)
+from node.judge.runner import (
+    PRIVATE_PROBES_FILE,
+    ProbeAnswer,
+    choose_independent_items,
+    judge_local_expert,
+    load_private_items,
+    local_ask,
+    run_probes,
+    summarize_run,
+)
+from node.judge.suites import ProbeItem, combined_version, load_suites, suite_digest
+from node.network import Network, RemoteExpert
+from peers.client import PeerClient, PeerError
+from peers.identity import NodeIdentity
+from peers.wire import ChatMessage as WireChatMessage
+from peers.wire import GenerateRequest, NodeCard
+
+log = logging.getLogger(__name__)
+
+CARDS_FILE = "cards.db"
+MAX_CARDS_PER_EXPERT = 16  # what travels in a hello
+BUSY_RETRY_S = 1.0
+DEFAULT_PEER_ITEMS_PER_DIMENSION = 8
+
+# Called with (expert_id, done, total) as probes are answered.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class JudgeStatus:
+    """Where judging of one local expert stands."""
+
+    state: str = "unjudged"  # unjudged, judging, judged, failed
+    done: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Counter:
+    """Counts answered probes for progress reports."""
+
+    expert_id: str
+    total: int
+    report: Progress | None
+    status: JudgeStatus | None = None
+    done: int = field(default=0)
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.status is not None:
+            self.status.done = self.done
+        if self.report is not None:
+            self.report(self.expert_id, self.done, self.total)
+
+
+def card_view(card: CapabilityCard) -> dict[str, Any]:
+    """A card as JSON for the user API."""
+    return {
+        "judge": card.judge_node_id,
+        "owner": card.owner_node_id,
+        "self_judged": card.self_judged,
+        "expert": card.expert_id,
+        "model_sha256": card.model_sha256,
+        "suite_version": card.suite_version,
+        "sample": card.sample,
+        "issued_ms": card.issued_ms,
+        "scores": {
+            s.dimension: {"mean": round(s.mean, 4), "ci_low": round(s.ci_low, 4), "ci_high": round(s.ci_high, 4), "n": s.n}
+            for s in card.scores
+        },
+        "performance": {
+            "tokens_per_s": round(card.performance.tokens_per_s, 2),
+            "ttft_ms": round(card.performance.ttft_ms, 1),
+            "n_ctx": card.performance.n_ctx,
+        },
+    }
+
+
+class Judging:
+    """Owns the card store: judging runs, cards from peers, and the scores the router reads."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        pool: ExpertPool,
+        network: Network,
+        client: PeerClient,
+        data_dir: Path,
+        *,
+        judge_on_start: bool = True,
+        items_per_dimension: int | None = None,
+    ) -> None:
+        self._identity = identity
+        self._pool = pool
+        self._network = network
+        self._client = client
+        self._data_dir = data_dir
+        self._judge_on_start = judge_on_start
+        self._items_per_dimension = items_per_dimension
+        self.store = CardStore(data_dir / CARDS_FILE)
+        self.status: dict[str, JudgeStatus] = {e.spec.id: JudgeStatus() for e in pool}
+        self._scores: dict[str, dict[str, float]] = {}
+        self._encoded: dict[str, tuple[bytes, ...]] = {}
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one judging run at a time: they share the experts' workers
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load known cards, and judge the local experts in the background (the node serves meanwhile)."""
+        for expert in self._pool:
+            await self._refresh(expert.spec.sha256, expert.spec.id)
+        if self._judge_on_start:
+            self._task = asyncio.create_task(self._judge_all_local(), name="judge-local")
+
+    async def close(self) -> None:
+        """Stop judging and close the store."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.store.close()
+
+    async def _judge_all_local(self) -> None:
+        for expert in self._pool:
+            try:
+                await self.judge_local(expert)
+            except asyncio.CancelledError:
+                raise
+            except NodeError as exc:
+                log.warning("judging %s failed: %s", expert.spec.id, exc.message)
+            except Exception:  # noqa: BLE001 - a failed judging run must not take the node down
+                log.exception("judging %s failed", expert.spec.id)
+
+    # ---- reading cards --------------------------------------------------------------------
+
+    async def _refresh(self, sha256: str, expert_id: str | None = None) -> None:
+        """Recompute the cached scores and hello cards for one model."""
+        signed = await asyncio.to_thread(self.store.cards_for, sha256)
+        cards = [s.card for s in signed]
+        independent = [c for c in cards if not c.self_judged]
+        # Independent judges' word counts over the owner's own claim when there is any.
+        basis = independent or cards
+        sums: dict[str, list[float]] = {}
+        for card in basis:
+            for score in card.scores:
+                sums.setdefault(score.dimension, []).append(score.mean)
+        self._scores[sha256] = {d: sum(v) / len(v) for d, v in sums.items()}
+        if expert_id is not None:
+            newest = sorted(signed, key=lambda s: s.card.issued_ms)[-MAX_CARDS_PER_EXPERT:]
+            self._encoded[expert_id] = tuple(encode_signed_card(s) for s in newest)
+
+    def judged_scores(self, sha256: str) -> Mapping[str, float]:
+        """Mean judged score per dimension for a model (independent judges first); empty when unjudged."""
+        return self._scores.get(sha256, {})
+
+    def hello_cards(self, expert_id: str) -> Sequence[bytes]:
+        """The signed cards about a local expert that travel in this node's hello."""
+        return self._encoded.get(expert_id, ())
+
+    async def accept_node_card(self, card: NodeCard) -> None:
+        """Keep the valid capability cards a peer's hello carries; drop the rest."""
+        for info in card.experts:
+            stored = False
+            for data in info.cards:
+                try:
+                    signed = decode_signed_card(data)
+                    capability = verify_capability_card(signed)
+                except CardError as exc:
+                    log.warning("dropped a capability card from %s: %s", card.node_id, exc.message)
+                    continue
+                if capability.owner_node_id != card.node_id or capability.model_sha256 != info.sha256:
+                    log.warning("dropped a card from %s about an expert it does not host", card.node_id)
+                    continue
+                existing = await asyncio.to_thread(
+                    self.store.get, capability.model_sha256, capability.suite_version, capability.judge_node_id
+                )
+                if existing is None or existing.card.issued_ms < capability.issued_ms:
+                    await asyncio.to_thread(self.store.put, signed)
+                    stored = True
+            if stored:
+                await self._refresh(info.sha256)
+
+    async def accept_submitted(self, data: bytes, sender: str | None = None) -> CapabilityCard:
+        """A judge sends its card about one of our experts: keep it, so it travels with our hello."""
+        signed = decode_signed_card(data)
+        card = verify_capability_card(signed)
+        expert = self._pool.get(card.expert_id)
+        if card.owner_node_id != self._identity.node_id or expert is None or expert.spec.sha256 != card.model_sha256:
+            raise InvalidRequest("the card is not about an expert hosted on this node", param="card")
+        await asyncio.to_thread(self.store.put, signed)
+        await self._refresh(card.model_sha256, card.expert_id)
+        log.info("stored a capability card on %s from judge %s", card.expert_id, card.judge_node_id)
+        return card
+
+    def cards(self, sha256: str) -> list[CapabilityCard]:
+        """Every stored card about a model, from every judge (blocking: small)."""
+        return [s.card for s in self.store.cards_for(sha256)]
+
+    def experts_view(self) -> list[dict[str, Any]]:
+        """Every known expert (local and on alive peers) with its cards by judge, flags and live figures."""
+        rows: list[dict[str, Any]] = []
+        node_id = self._identity.node_id
+        for expert in self._pool:
+            rows.append(self._expert_row(expert.spec.id, expert.spec.sha256, node_id, True, expert.queue_depth, expert.capacity))
+        for remote in self._network.remote_experts():
+            info = remote.info
+            rows.append(self._expert_row(info.expert_id, info.sha256, remote.peer.node_id, False, info.queue_depth, info.queue_size + 1))
+        return rows
+
+    def _expert_row(self, expert_id: str, sha256: str, node: str, local: bool, queue_depth: int, capacity: int) -> dict[str, Any]:
+        cards = self.cards(sha256)
+        flags = flag_disagreements(cards)
+        status = self.status.get(expert_id) if local else None
+        return {
+            "id": expert_id,
+            "node": node,
+            "local": local,
+            "model_sha256": sha256,
+            "queue_depth": queue_depth,
+            "capacity": capacity,
+            "judging": None if status is None else {"state": status.state, "done": status.done, "total": status.total, "error": status.error},
+            "judged": bool(cards),
+            "scores": {d: round(v, 4) for d, v in self.judged_scores(sha256).items()},
+            "cards": [card_view(c) for c in cards],
+            "flags": [
+                {
+                    "dimension": f.dimension,
+                    "owner_score": round(f.owner_score.mean, 4),
+                    "independent_score": round(f.independent_score.mean, 4),
+                    "judge": f.judge_node_id,
+                }
+                for f in flags
+            ],
+        }
+
+    # ---- judging --------------------------------------------------------------------------
+
+    async def judge_local(
+        self,
+        expert: LocalExpert,
+        *,
+        dimensions: Sequence[str] | None = None,
+        items_per_dimension: int | None = None,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> SignedCapabilityCard:
+        """This node's card on a local expert: the stored one, or a fresh judging run."""
+        status = self.status.setdefault(expert.spec.id, JudgeStatus())
+        per_dimension = items_per_dimension if items_per_dimension is not None else self._items_per_dimension
+        suites = load_suites(dimensions)
+        total = sum(len(s.items) if per_dimension is None else min(per_dimension, len(s.items)) for s in suites.values())
+        counter = _Counter(expert.spec.id, total, progress, status)
+        ask = local_ask(expert)
+
+        async def patient_ask(item: ProbeItem) -> ProbeAnswer:
+            # Users come first: a busy expert is asked again a moment later instead of failing the run.
+            while True:
+                try:
+                    answer = await ask(item)
+                    counter.tick()
+                    return answer
+                except ExpertBusy:
+                    await asyncio.sleep(BUSY_RETRY_S)
+
+        async with self._lock:
+            status.state, status.done, status.total, status.error = "judging", 0, total, None
+            try:
+                signed = await judge_local_expert(
+                    expert,
+                    self._identity,
+                    self.store,
+                    dimensions=dimensions,
+                    items_per_dimension=per_dimension,
+                    force=force,
+                    ask=patient_ask,
+                )
+            except BaseException as exc:
+                status.state, status.error = "failed", str(exc) or type(exc).__name__
+                raise
+            status.state, status.done = "judged", total
+        await self._refresh(expert.spec.sha256, expert.spec.id)
+        return signed
+
+    async def judge_peer(
+        self,
+        node_id: str,
+        expert_id: str,
+        *,
+        dimensions: Sequence[str] | None = None,
+        items_per_dimension: int = DEFAULT_PEER_ITEMS_PER_DIMENSION,
+        progress: Progress | None = None,
+    ) -> SignedCapabilityCard:
+        """Judge a peer's expert through its peer API on a random sample plus private items; sign as the judge."""
+        target = self._find_remote(node_id, expert_id)
+        suites = load_suites(dimensions)
+        private = load_private_items(self._data_dir / PRIVATE_PROBES_FILE)
+        # A fresh random sample each time, so a peer cannot learn which items it will be asked.
+        rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        items = choose_independent_items(suites, items_per_dimension, rng, private)
+        counter = _Counter(expert_id, len(items), progress)
+        async with self._lock:
+            results = await run_probes(self._peer_ask(target, counter), items)
+        scores, performance = summarize_run(results, expert_id, target.info.sha256, target.info.n_ctx)
+        card = CapabilityCard(
+            expert_id=expert_id,
+            model_sha256=target.info.sha256,
+            scores=scores,
+            performance=performance,
+            suite_version=combined_version(suites),
+            suite_digest=suite_digest(suites),
+            judge_node_id=self._identity.node_id,
+            judge_public_key=self._identity.public_key_raw,
+            owner_node_id=target.peer.node_id,
+            issued_ms=int(time.time() * 1000),
+            sample=sample_label(items_per_dimension, len([p for p in private if p.dimension in suites])),
+        )
+        signed = sign_capability_card(card, self._identity)
+        await asyncio.to_thread(self.store.put, signed)
+        await self._refresh(target.info.sha256)
+        try:
+            await self._client.submit_card(target.peer.url, encode_signed_card(signed))
+        except PeerError as exc:
+            log.warning("could not hand the card to %s: %s (kept here)", node_id, exc)
+        return signed
+
+    def _find_remote(self, node_id: str, expert_id: str) -> RemoteExpert:
+        for remote in self._network.remote_experts():
+            if remote.peer.node_id == node_id and remote.info.expert_id == expert_id:
+                return remote
+        raise ModelNotFound(f"no alive peer {node_id!r} hosting {expert_id!r}", param="expert")
+
+    def _peer_ask(self, target: RemoteExpert, counter: _Counter):
+        async def ask(item: ProbeItem) -> ProbeAnswer:
+            request = GenerateRequest(
+                request_id=os.urandom(8).hex(),
+                expert_id=target.info.expert_id,
+                messages=(WireChatMessage(role="user", content=item.prompt),),
+                max_tokens=item.max_tokens,
+                temperature=0.0,
+                top_p=None,
+                stop=(),
+                seed=0,
+                origin_node=self._identity.node_id,
+                hops=1,
+            )
+            started_s = time.perf_counter()
+            ttft_s: float | None = None
+            texts: list[str] = []
+            completion_tokens = 0
+            try:
+                async for frame in self._client.generate(target.peer.url, request):
+                    if frame.kind == "delta":
+                        ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - started_s
+                        texts.append(frame.text)
+                    elif frame.kind == "done":
+                        completion_tokens = frame.completion_tokens
+                    else:
+                        raise PeerUnavailable(f"peer {target.peer.node_id} failed: {frame.error}")
+            except PeerError as exc:
+                raise PeerUnavailable(f"peer {target.peer.node_id} failed while being judged: {exc}") from exc
+            elapsed_s = time.perf_counter() - started_s
+            counter.tick()
+            return ProbeAnswer("".join(texts), elapsed_s if ttft_s is None else ttft_s, completion_tokens, elapsed_s)
+
+        return ask
