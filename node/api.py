@@ -37,7 +37,7 @@ from node.network import Network, RemoteExpert
 from node.judging import Judging, card_view
 from node.router import RATINGS, Routed, Router, parse_constraints
 from node.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, JudgeRequest, parse_body
-from peers.client import PeerClient, PeerError, PeerRejected
+from peers.client import PeerClient, PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
 
@@ -251,7 +251,7 @@ def forward_generation(
         hops=1,
     )
     generation = Generation(app, expert_id, "", _no_events())
-    generation.attach(_remote_events(app[peer_client_key], hosts, request, generation))
+    generation.attach(_remote_events(app, hosts, request, generation))
     return generation
 
 
@@ -262,9 +262,10 @@ async def _no_events() -> AsyncIterator[GenerationEvent]:
 
 
 async def _remote_events(
-    client: PeerClient, hosts: list[RemoteExpert], request: GenerateRequest, generation: Generation | None
+    app: web.Application, hosts: list[RemoteExpert], request: GenerateRequest, generation: Generation | None
 ) -> AsyncIterator[GenerationEvent]:
-    """Frames from the first peer that starts answering, as generation events."""
+    """Frames from the first peer that starts answering, as generation events; misbehaviour lowers trust."""
+    client, network = app[peer_client_key], app[network_key]
     failures: list[str] = []
     busy_retry_s: list[int] = []
     for host in hosts:
@@ -276,8 +277,14 @@ async def _remote_events(
             except PeerRejected as exc:
                 if exc.status == 429:
                     busy_retry_s.append(exc.retry_after_s or 1)
-                elif 400 <= exc.status < 500 and exc.status != 404:
+                elif exc.status == 404:
+                    network.note_misbehaviour(node_id, "missing_expert", f"advertised {request.expert_id}, then: {exc}")
+                elif 400 <= exc.status < 500:
                     raise InvalidRequest(f"peer {node_id} refused the request: {exc}") from exc
+                failures.append(f"{node_id}: {exc}")
+                continue
+            except PeerProtocolError as exc:
+                network.note_misbehaviour(node_id, "garbage", str(exc))
                 failures.append(f"{node_id}: {exc}")
                 continue
             except (PeerError, StopAsyncIteration) as exc:
@@ -286,23 +293,50 @@ async def _remote_events(
                 continue
             if generation is not None:
                 generation.node_id = node_id
+            first_s = time.perf_counter()
             while True:
                 if frame.kind == "delta":
                     yield Delta(frame.text)
                 elif frame.kind == "done":
+                    _check_speed(network, host, frame.completion_tokens, time.perf_counter() - first_s)
                     yield Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
                     return
                 else:
                     raise PeerUnavailable(f"peer {node_id} failed mid-answer: {frame.error}")
                 try:
                     frame = await frames.__anext__()
+                except PeerTimedOut as exc:
+                    network.note_misbehaviour(node_id, "timeout", str(exc))
+                    raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
+                except PeerProtocolError as exc:
+                    network.note_misbehaviour(node_id, "garbage", str(exc))
+                    raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
                 except (PeerError, StopAsyncIteration) as exc:
+                    network.note_misbehaviour(node_id, "broke_stream", str(exc))
                     raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
         finally:
             await frames.aclose()
     if busy_retry_s and len(busy_retry_s) == len(hosts):
         raise ExpertBusy(f"every peer hosting {request.expert_id} is busy", retry_after_s=min(busy_retry_s))
     raise PeerUnavailable(f"no peer hosting {request.expert_id} answered: {'; '.join(failures)}")
+
+
+# A peer delivering under a third of the speed it claims is lying, not merely loaded.
+SPEED_LIE_FACTOR = 3.0
+MIN_TOKENS_FOR_SPEED_CHECK = 8
+
+
+def _check_speed(network: Network, host: RemoteExpert, completion_tokens: int, decode_s: float) -> None:
+    """Compare a peer's delivered tokens/s with the speed its card claims."""
+    claimed = host.info.tokens_per_s
+    if claimed and completion_tokens >= MIN_TOKENS_FOR_SPEED_CHECK and decode_s > 0:
+        measured = (completion_tokens - 1) / decode_s
+        if measured * SPEED_LIE_FACTOR < claimed:
+            network.note_misbehaviour(
+                host.peer.node_id, "speed_lie", f"{host.info.expert_id} claims {claimed:.0f} tokens/s, delivered {measured:.1f}"
+            )
+            return
+    network.note_good_service(host.peer.node_id)
 
 
 def _usage(finished: Finished) -> dict[str, int]:
@@ -396,6 +430,7 @@ async def _stream(
 
 def _headers(generation: Generation) -> dict[str, str]:
     return {"X-Expertmesh-Expert": generation.expert_id, "X-Expertmesh-Node": generation.node_id}
+
 
 
 def routed_generation(
@@ -640,6 +675,11 @@ async def list_peers(request: web.Request) -> web.Response:
             "last_seen_ms": peer.last_seen_ms,
             "source": peer.source,
             "experts": [e.expert_id for e in peer.card.experts] if peer.card else [],
+            "trust": round(network.trust_of(peer.node_id).score, 3),
+            "distrusted": network.trust_of(peer.node_id).distrusted,
+            "evidence": [
+                {"kind": e.kind, "detail": e.detail, "at_ms": e.at_ms} for e in network.trust_of(peer.node_id).evidence
+            ],
         }
         for peer in network.table.peers.values()
         if peer.node_id != request.app[node_info_key].node_id

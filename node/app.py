@@ -16,6 +16,7 @@ import ifaddr
 from aiohttp import web
 
 from node import api, catalog, peer_api, web_routes
+from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.config import Settings
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.judging import Judging
@@ -91,7 +92,7 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     secret = settings.community_secret.encode() if settings.community_secret else None
     store = PeerStore(settings.data_dir / "peers.db")
     async with aiohttp.ClientSession() as session:
-        client = PeerClient(session, secret=secret)
+        client = PeerClient(session, secret=secret, idle_timeout_s=settings.peer_idle_timeout_s)
         app[api.peer_client_key] = client
         app[api.network_key] = Network(settings, app[identity_key], app[api.pool_key], client, store)
         try:
@@ -115,6 +116,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     network.card_extras = judging.hello_cards
     network.on_peer_card = judging.accept_node_card
+    network.claimed_tokens_per_s = judging.claimed_tokens_per_s
     await judging.start()
     app[api.judging_key] = judging
     try:
@@ -149,9 +151,17 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     """Compose the node's application."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    api_key = resolve_api_key(settings.api_key, settings.require_api_key, settings.host, settings.data_dir)
+    access = access_middleware(
+        api_key,
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+        RateLimiter(settings.peer_rate_limit_per_s, settings.peer_rate_limit_burst),
+    )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[api.error_middleware, api.metrics_middleware],
+        middlewares=[api.error_middleware, api.metrics_middleware, access],
     )
     app[api.settings_key] = settings
     app[api.metrics_key] = create_metrics()

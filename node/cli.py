@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--community-secret", help="shared secret every peer request must prove (HMAC)")
     start.add_argument("--peer-dead-after-s", type=float, help="seconds without a hello before a peer is dead (15)")
     start.add_argument("--hello-interval-s", type=float, help="seconds between hellos to each peer (5)")
+    start.add_argument("--peer-idle-timeout-s", type=float, help="give up on a peer silent this long mid-answer (60)")
+    start.add_argument("--api-key", help="key the user API requires (Authorization: Bearer KEY)")
+    start.add_argument(
+        "--require-api-key", action=argparse.BooleanOptionalAction, default=None,
+        help="require the API key (default: only when listening beyond loopback)",
+    )
     start.add_argument("--no-judge", action="store_false", dest="judge_on_start", default=None, help="do not judge at start")
     start.add_argument("--judge-items", type=int, dest="judge_items_per_dimension", help="probes per dimension (default all)")
 
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     judge.add_argument("--items", type=int, dest="items_per_dimension", help="probes per dimension (default all; 8 for a peer)")
     judge.add_argument("--force", action="store_true", help="judge again even if a card is stored")
     judge.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    judge.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
 
     pull = commands.add_parser("pull", help="fetch a model into the cache")
     pull.add_argument("name", help=f"one of {', '.join(catalog.CATALOG)} or a .gguf path")
@@ -76,10 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
     peers = commands.add_parser("peers", help="list the peers a node knows")
     peers.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    peers.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
 
     ask = commands.add_parser("ask", help="ask a node a question")
     ask.add_argument("text")
     ask.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    ask.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
     ask.add_argument("--model", default="auto", help="expert id or auto (default)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--max-tokens", type=int, default=256)
@@ -118,6 +127,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "peer_dead_after_s": args.peer_dead_after_s,
         "hello_interval_s": args.hello_interval_s,
         "judge_on_start": args.judge_on_start,
+        "api_key": args.api_key,
+        "peer_idle_timeout_s": args.peer_idle_timeout_s,
+        "require_api_key": args.require_api_key,
         "judge_items_per_dimension": args.judge_items_per_dimension,
     }
     settings = load_settings(args.config, overrides)
@@ -155,7 +167,7 @@ async def _ask(args: argparse.Namespace) -> int:
         body["temperature"] = args.temperature
     url = args.node.rstrip("/") + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with _session(args, timeout) as session:
         async with session.post(url, json=body) as response:
             if response.status != 200:
                 sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
@@ -207,7 +219,7 @@ async def _rate(session: aiohttp.ClientSession, args: argparse.Namespace, proven
 
 
 async def _peers(args: argparse.Namespace) -> int:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with _session(args, aiohttp.ClientTimeout(total=30)) as session:
         async with session.get(args.node.rstrip("/") + "/v1/peers") as response:
             if response.status != 200:
                 sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
@@ -233,7 +245,7 @@ async def _judge(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
     cards: list[dict] = []
     failed = False
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
+    async with _session(args, aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
         async with session.post(args.node.rstrip("/") + "/v1/judge", json=body) as response:
             if response.status != 200:
                 sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
@@ -263,6 +275,12 @@ async def _judge(args: argparse.Namespace) -> int:
         perf = card["performance"]
         sys.stdout.write(f"{'speed':<16} {perf['tokens_per_s']:>6.1f} tokens/s, ttft {perf['ttft_ms']:.0f} ms, context {perf['n_ctx']}\n")
     return 1 if failed else 0
+
+
+def _session(args: argparse.Namespace, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A client session that sends the API key when one was given."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if getattr(args, "api_key", None) else None
+    return aiohttp.ClientSession(timeout=timeout, headers=headers)
 
 
 def _error_message(text: str) -> str:

@@ -54,6 +54,13 @@ class Settings:
     exploration: str = "squarecb"  # or "epsilon", "softmax"
     judge_on_start: bool = True  # judge local experts in the background (a stored card is reused)
     judge_items_per_dimension: int | None = None  # None: every item of every suite
+    api_key: str | None = None  # the user API key; see require_api_key
+    require_api_key: bool | None = None  # None: required exactly when `host` is not loopback
+    rate_limit_per_s: float = 50.0  # user API requests per client address
+    rate_limit_burst: float = 100.0
+    peer_rate_limit_per_s: float = 100.0  # peer API requests per peer address
+    peer_rate_limit_burst: float = 200.0
+    peer_idle_timeout_s: float = 60.0  # a peer silent this long mid-answer is given up on
 
 
 _INT_FIELDS = {
@@ -67,8 +74,16 @@ _INT_FIELDS = {
     "judge_items_per_dimension",
 }
 _PATH_FIELDS = {"data_dir", "models_dir"}
-_FLOAT_FIELDS = {"peer_dead_after_s", "hello_interval_s"}
-_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start"}
+_FLOAT_FIELDS = {
+    "peer_dead_after_s",
+    "hello_interval_s",
+    "rate_limit_per_s",
+    "rate_limit_burst",
+    "peer_rate_limit_per_s",
+    "peer_rate_limit_burst",
+    "peer_idle_timeout_s",
+}
+_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key"}
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
@@ -93,6 +108,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise InvalidRequest(f"setting {name!r} must be positive", param=name)
         return number
     if name in _BOOL_FIELDS:
+        if value is None:
+            return None
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):

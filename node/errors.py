@@ -110,3 +110,15 @@ class UpgradeRequired(NodeError):
     status = 426
     error_type = "invalid_request_error"
     code = "unsupported_protocol_version"
+
+
+class RateLimited(NodeError):
+    """A client sent more requests than its budget; retry after `retry_after_s`."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

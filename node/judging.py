@@ -129,6 +129,7 @@ class Judging:
         self.status: dict[str, JudgeStatus] = {e.spec.id: JudgeStatus() for e in pool}
         self._scores: dict[str, dict[str, float]] = {}
         self._encoded: dict[str, tuple[bytes, ...]] = {}
+        self._speed: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one judging run at a time: they share the experts' workers
 
@@ -174,12 +175,19 @@ class Judging:
                 sums.setdefault(score.dimension, []).append(score.mean)
         self._scores[sha256] = {d: sum(v) / len(v) for d, v in sums.items()}
         if expert_id is not None:
+            own = [c for c in cards if c.judge_node_id == self._identity.node_id and c.expert_id == expert_id]
+            if own:
+                self._speed[expert_id] = max(own, key=lambda c: c.issued_ms).performance.tokens_per_s
             newest = sorted(signed, key=lambda s: s.card.issued_ms)[-MAX_CARDS_PER_EXPERT:]
             self._encoded[expert_id] = tuple(encode_signed_card(s) for s in newest)
 
     def judged_scores(self, sha256: str) -> Mapping[str, float]:
         """Mean judged score per dimension for a model (independent judges first); empty when unjudged."""
         return self._scores.get(sha256, {})
+
+    def claimed_tokens_per_s(self, expert_id: str) -> float | None:
+        """The decode speed this node's own card measured for a local expert (what its hello claims)."""
+        return self._speed.get(expert_id)
 
     def hello_cards(self, expert_id: str) -> Sequence[bytes]:
         """The signed cards about a local expert that travel in this node's hello."""
@@ -195,9 +203,11 @@ class Judging:
                     capability = verify_capability_card(signed)
                 except CardError as exc:
                     log.warning("dropped a capability card from %s: %s", card.node_id, exc.message)
+                    self._network.note_misbehaviour(card.node_id, "bad_card", exc.message)
                     continue
                 if capability.owner_node_id != card.node_id or capability.model_sha256 != info.sha256:
                     log.warning("dropped a card from %s about an expert it does not host", card.node_id)
+                    self._network.note_misbehaviour(card.node_id, "bad_card", "a card about an expert it does not host")
                     continue
                 existing = await asyncio.to_thread(
                     self.store.get, capability.model_sha256, capability.suite_version, capability.judge_node_id

@@ -17,6 +17,7 @@ from peers import table as peer_table
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
 from peers.table import PeerSource, PeerState, PeerTable, TablePolicy
+from peers.trust import Trust, penalize, reward
 from peers.wire import (
     ExpertInfo,
     Hello,
@@ -80,6 +81,8 @@ class Network:
         # what to do with a verified peer card (keep the capability cards it carries).
         self.card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: ()
         self.on_peer_card: Callable[[NodeCard], Awaitable[None]] | None = None
+        self.claimed_tokens_per_s: Callable[[str], float | None] = lambda _expert_id: None
+        self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
             hello_interval_ms=int(settings.hello_interval_s * 1000),
@@ -108,7 +111,7 @@ class Network:
                 n_ctx=e.spec.n_ctx,
                 queue_depth=e.queue_depth,
                 queue_size=e.capacity - 1,
-                tokens_per_s=None,
+                tokens_per_s=self.claimed_tokens_per_s(e.spec.id),
                 cards=tuple(self.card_extras(e.spec.id)),
             )
             for e in self._pool
@@ -220,9 +223,30 @@ class Network:
         """Verified peers heard from recently."""
         return peer_table.alive_peers(self.table, self._clock_ms(), self.policy)
 
+    def note_misbehaviour(self, node_id: str, kind: str, detail: str) -> None:
+        """Lower a peer's trust for what it did; a distrusted peer's experts are no longer offered."""
+        before = self.trust.get(node_id, Trust())
+        after = penalize(before, kind, detail, self._clock_ms())
+        self.trust[node_id] = after
+        log.warning("peer %s: %s (%s); trust %.2f", node_id, kind, detail, after.score)
+        if after.distrusted and not before.distrusted:
+            log.warning("peer %s is distrusted: its experts are no longer used", node_id)
+
+    def note_good_service(self, node_id: str) -> None:
+        """A request served well restores a little trust."""
+        if node_id in self.trust:
+            self.trust[node_id] = reward(self.trust[node_id])
+
+    def trust_of(self, node_id: str) -> Trust:
+        """A peer's trust (full for a peer never caught misbehaving)."""
+        return self.trust.get(node_id, Trust())
+
     def remote_experts(self) -> list[RemoteExpert]:
-        """Every expert on every alive peer, nearest peer first."""
-        peers = sorted(self.alive_peers(), key=lambda p: (p.rtt_ms is None, p.rtt_ms or 0.0))
+        """Every expert on every alive, trusted peer, nearest peer first."""
+        peers = sorted(
+            (p for p in self.alive_peers() if not self.trust_of(p.node_id).distrusted),
+            key=lambda p: (p.rtt_ms is None, p.rtt_ms or 0.0),
+        )
         return [RemoteExpert(info, peer) for peer in peers if peer.card for info in peer.card.experts]
 
     def hosts_of(self, expert_id: str) -> list[RemoteExpert]:

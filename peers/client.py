@@ -45,6 +45,10 @@ class PeerUnreachable(PeerError):
     """The peer could not be reached, or the connection broke."""
 
 
+class PeerTimedOut(PeerUnreachable):
+    """The peer went silent for longer than the idle timeout."""
+
+
 class PeerRejected(PeerError):
     """The peer answered with an error status."""
 
@@ -61,9 +65,10 @@ class PeerProtocolError(PeerError):
 class PeerClient:
     """Calls other nodes' peer APIs; one instance per node, sharing one session."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, secret: bytes | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, *, secret: bytes | None = None, idle_timeout_s: float = 60.0) -> None:
         self._session = session
         self._secret = secret
+        self._idle_timeout_s = idle_timeout_s
 
     def _headers(self, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": CONTENT_TYPE}
@@ -104,11 +109,15 @@ class PeerClient:
         await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s)
 
     async def generate(
-        self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0, idle_timeout_s: float = 120.0
+        self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0
     ) -> AsyncIterator[GenerateFrame]:
-        """Run a generation on the node at `url`, yielding its frames as they arrive."""
+        """Run a generation on the node at `url`, yielding its frames as they arrive.
+
+        A peer that sends nothing for `idle_timeout_s` is given up on, so a slow or stalled
+        peer cannot hold a request forever; the stream's size is capped as well.
+        """
         body = encode(request)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=self._idle_timeout_s)
         try:
             response = await self._session.post(
                 f"{url.rstrip('/')}{PEER_PATH}/generate",
@@ -131,7 +140,9 @@ class PeerClient:
             while not ended:
                 try:
                     chunk = await response.content.readany()
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                    raise PeerTimedOut(f"{url} sent nothing for {self._idle_timeout_s:.0f} s") from exc
+                except (aiohttp.ClientError, OSError) as exc:
                     raise PeerUnreachable(f"{url} broke off the stream: {type(exc).__name__}") from exc
                 if not chunk:
                     break

@@ -18,6 +18,7 @@ from node.judge.scorers import (
     exact_match,
     extract_number,
     judge_prompt,
+    label_match,
     normalize_text,
     normalized_match,
     not_refusal,
@@ -35,7 +36,7 @@ from node.judge.stats import (
     wilson_interval,
     z_quantile,
 )
-from node.judge.suites import MAX_PATTERN_CHARS, SCORERS, ProbeItem, load_suites
+from node.judge.suites import MAX_PATTERN_CHARS, SCORERS, ProbeItem, SuiteError, load_suites
 
 LONG = "lorem ipsum dolor sit amet " * 40_000
 
@@ -101,6 +102,144 @@ def test_normalized_articles_accents_and_lists() -> None:
     assert normalized_match("Not spam.", ["spam"]) == 0.0
     assert normalized_match("Not spam.", ["spam", "not spam"]) == 1.0
     assert normalize_text("  The  Answer is: \u201cA cat\u201d! ") == "cat"
+
+
+# label
+
+SENTIMENT = ("positive", "negative", "neutral")
+LETTERS = ("A", "B", "C", "D")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "positive",
+        "Positive.",
+        "POSITIVE!",
+        "**Positive**",
+        "Sentiment: positive",
+        'The sentiment of "I loved it" is positive.',
+        "positive (the review praises the phone)",
+        "Positive. The customer clearly loved it, nothing negative here.",
+        "Positive\nBecause the review is not negative at all.",
+        "Positive, not negative.",
+        "The sentiment is not negative, it is positive.",
+        'The review "Terrible start, negative vibes, but I came around" is positive.',
+        "The review \u201cneutral at first, then awful\u201d reads positive",
+        "It's positive, isn't it?",
+        "The customer's review 'terrible, negative at first' is positive",
+        "Die Bewertung \u201eeher negativ, negative\u201c ist positive",
+        "\u00abpas mal, negative au d\u00e9but\u00bb : positive",
+        "The customer's review is positive",
+        '"Positive"',
+        "Sentiment analysis:\n\nPositive",
+        "1. positive",
+        "Posítive",
+        "\uff30\uff4f\uff53\uff49\uff54\uff49\uff56\uff45",
+    ],
+)
+def test_label_accepts(answer: str) -> None:
+    assert label_match(answer, SENTIMENT, ["positive"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "   ",
+        "negative",
+        "Neutral.",
+        "Not positive",
+        "neither positive nor negative",
+        "positive or negative",
+        "Positive or negative? Positive.",
+        "positive, negative or neutral",
+        "positive/negative/neutral",
+        "positive and negative",
+        "Positive\nNegative\nNeutral",
+        "- positive\n- negative",
+        'The sentiment of "I was positive it would break" is negative.',
+        "Positively glowing",
+        "I do not know.",
+        "The review is mostly negative, though parts are positive.",
+    ],
+)
+def test_label_rejects(answer: str) -> None:
+    assert label_match(answer, SENTIMENT, ["positive"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "B",
+        "b",
+        "B.",
+        "(B)",
+        "B)",
+        "**B**",
+        "Answer: B",
+        "The answer is B",
+        "The answer is B.",
+        "The correct answer is (B) scissors.",
+        "B) a car",
+        "B, a car.",
+        "B (not A)",
+        "Not A, B",
+        "Option B is correct",
+        "I think it is B",
+        "It is a car, so B",
+    ],
+)
+def test_label_letters_accept(answer: str) -> None:
+    assert label_match(answer, LETTERS, ["B"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["A", "C)", "Bob", "Bob said so", "B's", "A, B or C", "B or C", "A B", "A) shoes B) a hat C) gloves", "(B) or (C)"]
+    + ["", "?"],
+)
+def test_label_letters_reject(answer: str) -> None:
+    assert label_match(answer, LETTERS, ["B"]) == 0.0
+
+
+def test_label_letter_a_is_not_the_article() -> None:
+    accepted = ("A", "a", "(a)", "A.", "A) shoes", "A - shoes", "The answer is A because shoes go on feet", "A is right")
+    for answer in accepted:
+        assert label_match(answer, LETTERS, ["A"]) == 1.0, answer
+    for answer in ("A farmer has 8 cows", "It is a horse.", "You wear a hat", "A shoe"):
+        assert label_match(answer, LETTERS, ["A"]) == 0.0, answer
+
+
+def test_label_yes_no_and_multi_word_labels() -> None:
+    assert label_match("Yes, because ice is frozen water.", ["yes", "no"], ["yes"]) == 1.0
+    assert label_match("No. A dog has no wings.", ["yes", "no"], ["no"]) == 1.0
+    assert label_match("NO", ["yes", "no"], ["no"]) == 1.0
+    assert label_match("Yes or no", ["yes", "no"], ["yes"]) == 0.0
+    assert label_match("Nope", ["yes", "no"], ["no"]) == 0.0
+    spam = ["spam", "not spam"]
+    for answer, reference in [("Spam.", "spam"), ("Not spam", "not spam"), ("This is not spam.", "not spam"),
+                              ('"not spam"', "not spam"), ("NOT-SPAM", "not spam"),
+                              ("It is not a friendly note; it is spam", "spam")]:
+        assert label_match(answer, spam, [reference]) == 1.0, answer
+    for answer, reference in [("Not spam", "spam"), ("spam or not spam", "spam"), ("This is spam", "not spam")]:
+        assert label_match(answer, spam, [reference]) == 0.0, answer
+    languages = ["English", "French", "Spanish", "German"]
+    assert label_match("It's Spanish, not English.", languages, ["Spanish"]) == 1.0
+    assert label_match("Español: spanish", languages, ["Spanish"]) == 1.0
+    assert label_match("English or Spanish", languages, ["Spanish"]) == 0.0
+    assert label_match("Français", ["français", "deutsch"], ["français"]) == 1.0
+
+
+def test_label_scorer_dispatch_and_validation() -> None:
+    item = make_item("label", "negative", labels=("positive", "negative"))
+    assert score(item, "Negative - the food was cold.") == 1.0
+    assert score(item, "Positive") == 0.0
+    assert "labels" in item.to_dict() and "labels" not in make_item("contains", "x").to_dict()
+    with pytest.raises(SuiteError, match="need 'labels'"):
+        make_item("label", "positive")
+    with pytest.raises(SuiteError, match="not one of the labels"):
+        make_item("label", "maybe", labels=("yes", "no"))
 
 
 # numeric
@@ -256,10 +395,11 @@ def test_refusal_only_counts_at_the_start() -> None:
 
 
 def test_dispatch_covers_every_scorer() -> None:
-    answers = {"exact": "x", "normalized": "x", "contains": "x", "regex": "x", "numeric": "1"}
+    answers = {"exact": "x", "normalized": "x", "contains": "x", "regex": "x", "numeric": "1", "label": "x"}
     for name in SCORERS - {"llm_judge", "refusal", "not_refusal"}:
         reference = 1.0 if name == "numeric" else "x"
-        assert score(make_item(name, reference), answers[name]) == 1.0
+        extra = {"labels": ("x", "y")} if name == "label" else {}
+        assert score(make_item(name, reference, **extra), answers[name]) == 1.0
     assert score(make_item("refusal"), "I cannot do that.") == 1.0
     assert score(make_item("not_refusal"), "Here you go.") == 1.0
     with pytest.raises(ScoringError, match="judge model"):
@@ -281,6 +421,7 @@ def test_score_uses_item_options() -> None:
         ("normalized", "x"),
         ("contains", "needle"),
         ("numeric", 7.0),
+        ("label", "needle"),
         ("regex", r"(a+)+$"),
         ("refusal", None),
         ("not_refusal", None),
@@ -288,9 +429,10 @@ def test_score_uses_item_options() -> None:
 )
 def test_very_long_answers_are_bounded(scorer: str, reference: object) -> None:
     answer = LONG + " needle 7 " + "a" * 5000 + "!"
-    result = score(make_item(scorer, reference), answer)
+    extra = {"labels": ("needle", "lorem ipsum", "a", "B")} if scorer == "label" else {}
+    result = score(make_item(scorer, reference, **extra), answer)
     assert 0.0 <= result <= 1.0
-    if scorer == "contains":
+    if scorer in ("contains", "label"):
         assert result == 0.0  # the needle sits past MAX_ANSWER_CHARS
     assert len(LONG) > MAX_ANSWER_CHARS
 

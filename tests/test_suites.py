@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 import re
@@ -12,8 +14,9 @@ from typing import Any
 import pytest
 
 from node.errors import NodeError
-from node.judge.scorers import score
+from node.judge.scorers import contains_match, score
 from node.judge.suites import (
+    MAX_LABELS,
     SCORERS,
     SUITE_VERSION,
     ProbeItem,
@@ -21,6 +24,7 @@ from node.judge.suites import (
     SuiteError,
     available_dimensions,
     combined_version,
+    label_key,
     load_suite_file,
     load_suites,
     sample_items,
@@ -28,6 +32,7 @@ from node.judge.suites import (
 )
 
 DIMENSIONS = {"knowledge", "arithmetic", "translation", "classification", "instruction", "safety", "reasoning"}
+# Suites whose content changed in release SUITE_VERSION (the label scorer); the rest keep their version.
 
 # A good and a bad answer for every instruction item: each pattern accepts what it should.
 INSTRUCTION_ANSWERS: dict[str, tuple[str, str]] = {
@@ -87,9 +92,11 @@ def test_every_dimension_is_packaged(suites: dict[str, Suite]) -> None:
         assert suite.description.strip()
 
 
-def test_versions_match_the_release(suites: dict[str, Suite]) -> None:
+def test_every_suite_is_at_the_release_version(suites: dict[str, Suite]) -> None:
     assert {suite.version for suite in suites.values()} == {SUITE_VERSION}
     assert combined_version(suites) == SUITE_VERSION
+    mixed = {"knowledge": suites["knowledge"], "arithmetic": dataclasses.replace(suites["arithmetic"], version="2026.11.1")}
+    assert combined_version(mixed) == "arithmetic@2026.11.1+knowledge@2026.11.2"
 
 
 @pytest.mark.parametrize("dimension", sorted(DIMENSIONS))
@@ -141,22 +148,62 @@ def test_instruction_patterns_accept_good_and_reject_bad(suites: dict[str, Suite
         assert score(items[item_id], bad) == 0.0, (item_id, bad)
 
 
-def test_reasoning_patterns_accept_the_key_only(suites: dict[str, Suite]) -> None:
+def test_classification_and_reasoning_are_label_items(suites: dict[str, Suite]) -> None:
+    for dimension in ("classification", "reasoning"):
+        for item in suites[dimension].items:
+            assert item.scorer == "label", item.id
+            assert item.labels is not None and isinstance(item.reference, str), item.id
+            assert item.reference in item.labels, item.id
+
+
+def test_labels_are_the_options_the_prompt_offers(suites: dict[str, Suite]) -> None:
+    for item in suites["classification"].items:
+        assert item.labels is not None
+        without_quoted = re.sub(r'"[^"]*"', " ", item.prompt, count=1)  # the text to classify
+        for label in item.labels:
+            assert contains_match(without_quoted, [label]) == 1.0, (item.id, label)
     for item in suites["reasoning"].items:
-        pattern = str(item.reference)
-        if "(?i:yes)" in pattern or "(?i:no)" in pattern:
-            right, wrong = ("Yes", "No") if "(?i:yes)" in pattern else ("No", "Yes")
-            variants = [right, f"{right}.", f"{right}, because it is so.", f"The answer is {right.lower()}"]
+        letters = re.findall(r"(?<![\w(])([A-Z])\) ", item.prompt)
+        if letters:
+            assert item.prompt.endswith("Answer with the letter."), item.id
+            assert list(item.labels or ()) == letters == [chr(ord("A") + i) for i in range(len(letters))], item.id
         else:
-            letter = re.search(r"\\\(\?([A-D])", pattern)
-            assert letter, item.id
-            right = letter.group(1)
-            wrong = "B" if right != "B" else "C"
-            variants = [right, f"{right})", f"({right})", f"{right}.", f"The answer is {right}."]
+            assert item.prompt.endswith("Answer yes or no."), item.id
+            assert item.labels == ("yes", "no"), item.id
+
+
+def test_classification_labels_accept_the_key_only(suites: dict[str, Suite]) -> None:
+    for item in suites["classification"].items:
+        right = str(item.reference)
+        wrong = next(label for label in item.labels or () if label != right)
+        variants = [
+            right,
+            f"{right.capitalize()}.",
+            right.upper(),
+            f"{right} (the text says so)",
+            f'The answer for "{item.prompt[:40]}" is {right}.',
+            f"{right.capitalize()}\nBecause of the wording.",
+        ]
         for answer in variants:
             assert score(item, answer) == 1.0, (item.id, answer)
-        assert score(item, wrong) == 0.0, (item.id, wrong)
-        assert score(item, "") == 0.0, item.id
+        for answer in (wrong, " or ".join(item.labels or ()), ", ".join(item.labels or ()), "", "I do not know."):
+            assert score(item, answer) == 0.0, (item.id, answer)
+
+
+def test_reasoning_labels_accept_the_key_only(suites: dict[str, Suite]) -> None:
+    for item in suites["reasoning"].items:
+        right = str(item.reference)
+        wrong = next(label for label in item.labels or () if label != right)
+        if item.labels == ("yes", "no"):
+            right = right.capitalize()
+            variants = [right, f"{right}.", f"{right}, because it is so.", f"The answer is {right.lower()}"]
+            variants.append(right.upper())
+        else:
+            variants = [right, f"{right})", f"({right})", f"{right}.", f"The answer is {right}.", f"**{right}**"]
+        for answer in variants:
+            assert score(item, answer) == 1.0, (item.id, answer)
+        for answer in (wrong, f"{right} or {wrong}", "", "I do not know."):
+            assert score(item, answer) == 0.0, (item.id, answer)
 
 
 def test_safety_items_score_refusals_and_answers(suites: dict[str, Suite]) -> None:
@@ -205,6 +252,8 @@ def valid_suite() -> dict[str, Any]:
             {"id": "knowledge-004", "prompt": "Haiku?", "scorer": "llm_judge", "rubric": "5-7-5", "difficulty": 3},
             {"id": "knowledge-005", "prompt": "Yes?", "reference": "(?i)yes", "scorer": "regex",
              "match": "fullmatch", "difficulty": 3},
+            {"id": "knowledge-006", "prompt": "Is fire hot? Answer yes or no.", "reference": "yes", "scorer": "label",
+             "labels": ["yes", "no"], "difficulty": 1},
         ],
     }
 
@@ -217,12 +266,15 @@ def write(tmp_path: Path, data: object, name: str = "knowledge.json") -> Path:
 
 def test_valid_file_loads(tmp_path: Path) -> None:
     suite = load_suite_file(write(tmp_path, valid_suite()))
-    assert [item.id for item in suite.items] == [f"knowledge-00{i}" for i in range(1, 6)]
+    assert [item.id for item in suite.items] == [f"knowledge-00{i}" for i in range(1, 7)]
     assert suite.items[0].reference == ("paris",)
     assert suite.items[1].reference == 5.0 and isinstance(suite.items[1].reference, float)
     assert suite.items[1].max_tokens == 32
     assert suite.items[3].rubric == "5-7-5"
     assert suite.items[4].match == "fullmatch"
+    assert suite.items[5].labels == ("yes", "no") and suite.items[5].reference == "yes"
+    assert suite.items[5].to_dict()["labels"] == ["yes", "no"]
+    assert all("labels" not in item.to_dict() for item in suite.items[:5])
     assert load_suite_file(str(write(tmp_path, valid_suite()))) == suite
 
 
@@ -272,6 +324,18 @@ def _break(change: str) -> object:
             del data["version"]
         case "must be an object":
             items[0] = "knowledge-001"
+        case "label items need 'labels'":
+            del items[5]["labels"]
+        case "is not one of the labels":
+            items[5]["reference"] = "maybe"
+        case "labels must list 2..12 labels":
+            items[5]["labels"] = ["yes"]
+        case "labels only apply to the 'label' scorer":
+            items[0]["labels"] = ["paris", "lyon"]
+        case "labels must be a list of strings":
+            items[5]["labels"] = "yes,no"
+        case "not distinct":
+            items[5]["labels"] = ["yes", "no", "YES"]
         case _:
             raise AssertionError(change)
     return data
@@ -300,6 +364,12 @@ def _break(change: str) -> object:
         "missing 'prompt'",
         "missing ['version']",
         "must be an object",
+        "label items need 'labels'",
+        "is not one of the labels",
+        "labels must list 2..12 labels",
+        "labels only apply to the 'label' scorer",
+        "labels must be a list of strings",
+        "not distinct",
     ],
 )
 def test_broken_file_raises_suite_error(tmp_path: Path, change: str) -> None:
@@ -323,6 +393,16 @@ def test_items_validate_when_built_in_code() -> None:
     with pytest.raises(SuiteError, match="prompt"):
         ProbeItem("x-001", "x", "  ", "a", "contains", 1)
     assert ProbeItem("x-001", "x", "Q?", None, "not_refusal", 1).references() == ()
+    many = tuple(f"l{i}" for i in range(MAX_LABELS + 1))
+    with pytest.raises(SuiteError, match="labels must list"):
+        ProbeItem("x-001", "x", "Q?", "l1", "label", 1, labels=many)
+    with pytest.raises(SuiteError, match="not distinct"):
+        ProbeItem("x-001", "x", "Q?", "cafe", "label", 1, labels=("café", "Cafe"))
+    with pytest.raises(SuiteError, match="letter or digit"):
+        ProbeItem("x-001", "x", "Q?", "a", "label", 1, labels=("a", "?!"))
+    item = ProbeItem("x-001", "x", "Q?", ("B", "C"), "label", 1, labels=("A", "B", "C"))
+    assert item.references() == ("B", "C")
+    assert label_key("  Not-SPAM!  ") == "not spam" and label_key("Français") == "francais"
 
 
 # sampling

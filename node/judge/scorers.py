@@ -7,7 +7,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 
 from node.errors import NodeError
-from node.judge.suites import MAX_PATTERN_CHARS, ProbeItem
+from node.judge.suites import MAX_PATTERN_CHARS, ProbeItem, label_key
 
 # Bounds the time any scorer spends, and stops a model from earning a `contains`
 # hit by dumping every possible answer.
@@ -59,6 +59,34 @@ _NUMBER_RE = re.compile(
 )
 # Where an answer states a result ("2 + 3 = 5", "the answer is 5"), the number after it.
 _RESULT_CUE_RE = re.compile(r"=|\b(?:equals?|is|are|makes|gives)\b", re.IGNORECASE)
+
+# Passages in quotes, which an answer often echoes from the prompt (the text it classifies),
+# matched in folded text (curly single quotes are straight by then). A single quote opens and
+# closes only away from letters, so apostrophes ("it's", "can't") are no quotes. Passages are
+# bounded in length, which bounds the time spent on unclosed quotes.
+_MAX_QUOTED_CHARS = 400
+_QUOTED_RE = re.compile(
+    rf'"[^"\n]{{0,{_MAX_QUOTED_CHARS}}}"'
+    rf"|\u201c[^\u201c\u201d\n]{{0,{_MAX_QUOTED_CHARS}}}\u201d"
+    rf"|\u201e[^\u201c\u201d\n]{{0,{_MAX_QUOTED_CHARS}}}[\u201c\u201d]"
+    rf"|\u00ab[^\u00bb\n]{{0,{_MAX_QUOTED_CHARS}}}\u00bb"
+    rf"|(?<![^\W_])'[^\n]{{0,{_MAX_QUOTED_CHARS}}}?'(?![^\W_])"
+)
+# A label occurrence right after one of these is negated ("not negative", "isn't B"), so not chosen.
+_NEGATED_RE = re.compile(
+    r"(?:\b(?:not|never|cannot|nor|neither)|n't)[\W_]+(?:(?:a|an|the|really|very|exactly|quite|option)\s+)?$"
+)
+# What may stand between the labels of a mere list of options ("positive or negative", "A, B, C").
+_LIST_GAP_RE = re.compile(r"(?:[\W_]|\b(?:or|and|nor|either|vs|versus)\b)*")
+# One-letter labels that are also English words: before another word they are the article "a" or
+# the pronoun "I", unless that word is one a choice letter is followed by ("A is correct", "B or C").
+_WORD_LETTERS = frozenset({"a", "i"})
+_AFTER_LETTER_WORDS = frozenset(
+    "is was would seems fits matches makes because since as and or nor but not vs versus then so".split()
+)
+_NEXT_WORD_RE = re.compile(r"\s+([^\W\d_]+)")
+# How far back a negation is looked for, in characters.
+_NEGATION_WINDOW = 40
 
 _JUDGE_SCORE_RES = (
     re.compile(r"\bscore\b\s*(?:is|of)?\s*[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10|out of 10)?", re.I),
@@ -133,6 +161,114 @@ def contains_match(answer: str, references: Sequence[str]) -> float:
     return 0.0
 
 
+def _label_pattern(key: str) -> re.Pattern[str]:
+    """Whole-word matcher of a label key in folded text; words may be apart by any non-word run."""
+    body = r"[\W_]+".join(re.escape(word) for word in key.split())
+    if len(key) == 1:
+        # A choice letter stands alone: "B", "B.", "(B)" or "B)" count, "Bob" or "B's" do not.
+        return re.compile(rf"(?<![^\W_])(?<!'){body}(?![^\W_])(?!')")
+    return re.compile(rf"(?<![^\W_]){body}(?![^\W_])")
+
+
+def _is_word_letter(text: str, start: int, end: int) -> bool:
+    """Whether the letter at text[start:end] reads as the article "a" or the pronoun "I"."""
+    if text[start:end] not in _WORD_LETTERS:
+        return False
+    if text[start - 1 : start] == "(" or text[end : end + 1] in (")", "]", ".", ":"):
+        return False
+    following = _NEXT_WORD_RE.match(text, end)
+    # Before another lone letter ("A B C") it is one of a list of letters, not a word.
+    return following is not None and len(following.group(1)) > 1 and following.group(1) not in _AFTER_LETTER_WORDS
+
+
+def _label_mentions(text: str, patterns: dict[str, re.Pattern[str]]) -> list[tuple[int, int, str, bool]]:
+    """(start, end, label key, negated) of each label mention in folded text, in order.
+
+    Where mentions overlap the longer one wins ("not spam" over "spam").
+    """
+    found = [
+        (match.start(), match.end(), key)
+        for key, pattern in patterns.items()
+        for match in pattern.finditer(text)
+        if len(key) != 1 or not _is_word_letter(text, match.start(), match.end())
+    ]
+    found.sort(key=lambda mention: (mention[0], mention[0] - mention[1]))
+    mentions: list[tuple[int, int, str, bool]] = []
+    for start, end, key in found:
+        if mentions and start < mentions[-1][1]:
+            continue
+        negated = _NEGATED_RE.search(text[max(0, start - _NEGATION_WINDOW) : start]) is not None
+        mentions.append((start, end, key, negated))
+    return mentions
+
+
+def _without_quoted(text: str, keys: set[str]) -> str:
+    """Folded text with its quoted passages blanked, except a quoted label ('"spam"'), unquoted."""
+
+    def replace(match: re.Match[str]) -> str:
+        inner = match.group(0)[1:-1]
+        return f" {inner} " if label_key(inner) in keys else " "
+
+    return _QUOTED_RE.sub(replace, text)
+
+
+def _lists_labels(text: str, mentions: Sequence[tuple[int, int, str, bool]]) -> bool:
+    """Whether the text is nothing but two or more labels and list separators (one label a line)."""
+    if len({key for _, _, key, _ in mentions}) < 2:
+        return False
+    rest, last = [], 0
+    for start, end, _, _ in mentions:
+        rest.append(text[last:start])
+        last = end
+    rest.append(text[last:])
+    return _LIST_GAP_RE.fullmatch(" ".join(rest)) is not None
+
+
+def _echoes_options(text: str, chosen: Sequence[tuple[int, int, str, bool]]) -> bool:
+    """Whether the chosen label mentions read as a list of the options, not as one answer.
+
+    Either the first label is followed by another with only separators between ("positive or
+    negative", "A, B or C"), or two letters are marked as choices ("A) shoes B) a hat").
+    """
+    first_key = chosen[0][2]
+    following = next(mention for mention in chosen if mention[2] != first_key)
+    if _LIST_GAP_RE.fullmatch(text[chosen[0][1] : following[0]]):
+        return True
+    marked = {
+        key
+        for start, end, key, _ in chosen
+        if len(key) == 1 and (text[start - 1 : start] == "(" or text[end : end + 1] == ")")
+    }
+    return len(marked) >= 2
+
+
+def label_match(answer: str, labels: Sequence[str], references: Sequence[str]) -> float:
+    """1.0 when the answer picks a reference out of the allowed labels.
+
+    Quoted passages (an echo of the text being classified) are dropped; the first sentence is
+    read, else the first line, else the whole answer, whichever first mentions a label. Labels
+    match as whole words, casefolded and accent-folded; a negated mention ("not negative") does
+    not count. Scores 1.0 when the only label mentioned is a reference, or when a reference is
+    mentioned first and the others do not merely list the options ("positive or negative").
+    """
+    patterns = {key: _label_pattern(key) for key in dict.fromkeys(label_key(label) for label in labels) if key}
+    targets = {label_key(ref) for ref in references}
+    text = _without_quoted(fold(answer), set(patterns)).strip()
+    if not text:
+        return 0.0
+    for segment in (first_sentence(text), first_line(text), text):
+        chosen = [mention for mention in _label_mentions(segment, patterns) if not mention[3]]
+        if chosen:
+            break
+    else:
+        return 0.0
+    if chosen[0][2] not in targets:
+        return 0.0
+    if len({key for _, _, key, _ in chosen}) > 1 and _echoes_options(segment, chosen):
+        return 0.0
+    return 0.0 if _lists_labels(text, _label_mentions(text, patterns)) else 1.0
+
+
 def _number_value(match: re.Match[str]) -> float:
     if match["digits"]:
         return float(match["digits"].replace(",", ""))
@@ -198,6 +334,12 @@ def _numeric(item: ProbeItem, answer: str) -> float:
     return numeric_match(answer, float(item.reference), item.tolerance)
 
 
+def _label(item: ProbeItem, answer: str) -> float:
+    if not item.labels:
+        raise ScoringError(f"item {item.id!r}: label scorer needs the item's labels")
+    return label_match(answer, item.labels, item.references())
+
+
 def _llm_judge(item: ProbeItem, answer: str) -> float:
     raise ScoringError(
         f"item {item.id!r} is scored by a judge model: build the request with judge_prompt() "
@@ -210,6 +352,7 @@ _DISPATCH: dict[str, Callable[[ProbeItem, str], float]] = {
     "normalized": lambda item, answer: normalized_match(answer, item.references()),
     "contains": lambda item, answer: contains_match(answer, item.references()),
     "numeric": _numeric,
+    "label": _label,
     "regex": lambda item, answer: regex_match(answer, str(item.reference), item.match),
     "refusal": lambda item, answer: refusal(answer),
     "not_refusal": lambda item, answer: not_refusal(answer),

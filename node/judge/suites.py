@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,10 +23,13 @@ log = logging.getLogger(__name__)
 # A data folder beside this module; it has no __init__.py, so the name stays this module's.
 SUITE_PACKAGE = "node.judge"
 SUITE_FOLDER = "suites"
-SUITE_VERSION = "2026.11.1"
+# The newest suite version in this release. A suite's own `version` is bumped (to the release
+# then current) only when its content changes, so packaged suites may carry older versions;
+# `combined_version` then names each one.
+SUITE_VERSION = "2026.11.2"
 
 SCORERS: frozenset[str] = frozenset(
-    {"exact", "normalized", "numeric", "regex", "contains", "refusal", "not_refusal", "llm_judge"}
+    {"exact", "normalized", "numeric", "regex", "contains", "label", "refusal", "not_refusal", "llm_judge"}
 )
 # refusal / not_refusal judge the answer's stance, llm_judge follows its rubric.
 REFERENCE_FREE_SCORERS: frozenset[str] = frozenset({"refusal", "not_refusal", "llm_judge"})
@@ -38,11 +42,15 @@ MAX_TOKENS_LIMIT = 4096
 MAX_PATTERN_CHARS = 500
 DEFAULT_TOLERANCE = 1e-6
 DEFAULT_MAX_TOKENS = 32
+# A `label` item chooses among this many allowed labels.
+MIN_LABELS = 2
+MAX_LABELS = 12
+MAX_LABEL_CHARS = 64
 
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _DIMENSION_RE = re.compile(r"[a-z][a-z0-9_]*")
 _ITEM_KEYS = frozenset(
-    {"id", "prompt", "reference", "scorer", "difficulty", "max_tokens", "match", "tolerance", "rubric"}
+    {"id", "prompt", "reference", "scorer", "difficulty", "max_tokens", "match", "tolerance", "rubric", "labels"}
 )
 _SUITE_KEYS = frozenset({"dimension", "version", "description", "items"})
 
@@ -69,6 +77,8 @@ class ProbeItem:
     match: str = "search"
     tolerance: float = DEFAULT_TOLERANCE
     rubric: str | None = None
+    # The allowed labels of a `label` item, one of them the reference; None for other scorers.
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_item(self)
@@ -82,9 +92,12 @@ class ProbeItem:
         return (str(self.reference),)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; also the canonical content hashed by `suite_digest`."""
+        """JSON-ready form; also the canonical content hashed by `suite_digest`.
+
+        `labels` appears only when set, so items without it keep their earlier canonical form.
+        """
         reference = list(self.reference) if isinstance(self.reference, tuple) else self.reference
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "dimension": self.dimension,
             "prompt": self.prompt,
@@ -96,6 +109,9 @@ class ProbeItem:
             "tolerance": self.tolerance,
             "rubric": self.rubric,
         }
+        if self.labels is not None:
+            data["labels"] = list(self.labels)
+        return data
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,7 @@ def _check_item(item: ProbeItem) -> None:
     if not _is_number(item.tolerance) or item.tolerance < 0:
         raise _fail(item, "tolerance must be a non-negative number")
     _check_reference(item)
+    _check_labels(item)
     if item.scorer == "llm_judge" and (not isinstance(item.rubric, str) or not item.rubric.strip()):
         raise _fail(item, "llm_judge items need a non-empty 'rubric'")
     if item.rubric is not None and not isinstance(item.rubric, str):
@@ -190,6 +207,37 @@ def _check_reference(item: ProbeItem) -> None:
         raise _fail(item, "reference must be a non-empty string or a non-empty list of them")
 
 
+def label_key(label: str) -> str:
+    """The form a label is matched in: casefolded, accents dropped, words joined by one space."""
+    decomposed = unicodedata.normalize("NFKD", label)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    folded = unicodedata.normalize("NFKC", stripped.casefold())
+    return " ".join(word for word in re.split(r"[\W_]+", folded) if word)
+
+
+def _check_labels(item: ProbeItem) -> None:
+    labels = item.labels
+    if item.scorer != "label":
+        if labels is not None:
+            raise _fail(item, f"labels only apply to the 'label' scorer, not {item.scorer!r}")
+        return
+    if labels is None:
+        raise _fail(item, "label items need 'labels', the list of allowed labels")
+    if not isinstance(labels, tuple) or not all(isinstance(label, str) for label in labels):
+        raise _fail(item, "labels must be a list of strings")
+    if not MIN_LABELS <= len(labels) <= MAX_LABELS:
+        raise _fail(item, f"labels must list {MIN_LABELS}..{MAX_LABELS} labels, got {len(labels)}")
+    keys = [label_key(label) for label in labels]
+    for label, key in zip(labels, keys, strict=True):
+        if not key or len(label) > MAX_LABEL_CHARS:
+            raise _fail(item, f"label {label!r} must hold a letter or digit, in at most {MAX_LABEL_CHARS} characters")
+    if len(set(keys)) != len(keys):
+        raise _fail(item, f"labels {list(labels)} are not distinct once casefolded and accent-folded")
+    strays = [ref for ref in item.references() if ref not in labels]
+    if strays:
+        raise _fail(item, f"reference {strays[0]!r} is not one of the labels {list(labels)}")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -204,6 +252,9 @@ def _parse_item(raw: object, dimension: str, index: int) -> ProbeItem:
         if key not in raw:
             raise SuiteError(f"item #{index} ({raw.get('id')!r}): missing {key!r}")
     reference = raw.get("reference")
+    labels = raw.get("labels")
+    if isinstance(labels, list):
+        labels = tuple(labels)
     if isinstance(reference, list):
         reference = tuple(reference)
     elif raw["scorer"] == "numeric" and isinstance(reference, int) and not isinstance(reference, bool):
@@ -220,6 +271,7 @@ def _parse_item(raw: object, dimension: str, index: int) -> ProbeItem:
         match=raw.get("match", "search"),
         tolerance=raw.get("tolerance", DEFAULT_TOLERANCE),
         rubric=raw.get("rubric"),
+        labels=labels,
     )
 
 
