@@ -11,6 +11,8 @@ from bandit.features import detect_task
 PART_SEPARATOR = "\n\n"
 HEADING_MAX_CHARS = 80
 DEFAULT_MAX_PARTS = 4
+# Longer texts are documents to work on, not lists of questions; this also bounds the cost.
+MAX_SPLIT_CHARS = 4000
 # A proposed part must be mostly the user's own words, and the parts together most of the message.
 PROPOSAL_MIN_FAITHFUL = 0.75
 PROPOSAL_MIN_COVERAGE = 0.5
@@ -122,7 +124,7 @@ _FRAMING_RE = re.compile(r"\b(?:following|these|below|questions?|tasks?|things|i
 _ANAPHORA_RE = re.compile(
     r"\b(?:it|its|itself|they|them|their|theirs|above|previous(?:ly)?|former|latter|"
     r"the same|the (?:result|answer|output|translation|summary)(?!\s+of\b)|"
-    r"your (?:answer|reasoning|work|result|steps)|examples?(?!\s+of\b))\b",
+    r"your (?:answer|reasoning|work|result|steps)|examples?(?!\s+of\b)|more(?!\s+than\b))\b",
     re.IGNORECASE,
 )
 _THAT_RE = re.compile(r"\b(\w+)?\s*\bthat\b", re.IGNORECASE)
@@ -147,7 +149,7 @@ def split_query(text: str, *, max_parts: int = DEFAULT_MAX_PARTS) -> list[Part]:
     if max_parts < 1:
         raise ValueError("max_parts must be at least 1")
     whole = [_whole(text)]
-    if max_parts == 1 or not text.strip():
+    if max_parts == 1 or not text.strip() or len(text) > MAX_SPLIT_CHARS:
         return whole
     masked, quotes = _mask(text)
     units = _units(text, masked, quotes)
@@ -190,6 +192,8 @@ def proposal_prompt(text: str) -> str:
 
 def parse_proposal(reply: str, text: str, *, max_parts: int = DEFAULT_MAX_PARTS) -> list[Part] | None:
     """Parts from an expert's proposed split, or None when the proposal is not faithful to `text`."""
+    if max_parts < 1:
+        raise ValueError("max_parts must be at least 1")
     items = [m.group(1).strip() for m in re.finditer(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+(.+?)\s*$", reply, re.MULTILINE)]
     items = [item.strip("\"'“”‘’`") for item in items if item]
     if not items:
@@ -243,10 +247,12 @@ def _mask(text: str) -> tuple[str, list[tuple[int, int]]]:
     masked = text
     spans: list[tuple[int, int]] = []
     for pattern in _QUOTE_PATTERNS:
-        for m in list(pattern.finditer(masked)):
+        chars = list(masked)
+        for m in pattern.finditer(masked):
             spans.append((m.start(), m.end()))
             # Spaces and newlines too: no connector, sentence end or list marker inside quotes.
-            masked = masked[: m.start() + 1] + "x" * (m.end() - m.start() - 2) + masked[m.end() - 1 :]
+            chars[m.start() + 1 : m.end() - 1] = "x" * (m.end() - m.start() - 2)
+        masked = "".join(chars)
     return masked, sorted(spans)
 
 
@@ -265,7 +271,7 @@ def _units(text: str, masked: str, quotes: list[tuple[int, int]]) -> list[_Unit]
                         start=span[0],
                         end=span[1],
                         request=_is_request(unit_masked),
-                        dependent=_is_dependent(text, unit_masked, span, quotes),
+                        dependent=_is_dependent(text, unit_masked, span, quotes, list_item=list_item),
                         list_item=list_item,
                         quoted=any(q_start == span[0] and q_end >= span[1] - 1 for q_start, q_end in quotes),
                     )
@@ -385,10 +391,22 @@ def _is_request(unit: str) -> bool:
     if first in _WH:
         # "What a nice day." exclaims.
         return not (len(tokens) > 1 and tokens[1] in ("a", "an"))
-    if first in ("do", "does", "did"):
-        # "Do you know ...?" asks; "do two things:" is an imperative of no task.
-        return len(tokens) > 1 and tokens[1] in _CLAUSE_SUBJECTS
-    return first in _AUX
+    return _is_aux_question(unit, tokens)
+
+
+def _is_aux_question(unit: str, tokens: list[str]) -> bool:
+    """Whether tokens open a yes/no question: an auxiliary, then its subject ("can you", "is Paris")."""
+    if len(tokens) < 2 or _head(tokens[0]) not in _AUX:
+        return False
+    if unit.rstrip().endswith("?"):
+        return True
+    # "Have a nice day." and "Do two things:" are imperatives of no task.
+    if tokens[0] in ("have", "has", "had"):
+        return False
+    if tokens[0] in ("do", "does", "did"):
+        return tokens[1] in _CLAUSE_SUBJECTS
+    second = next((w for w in _TOKEN_RE.findall(unit) if w.strip("'").lower() == tokens[1]), "")
+    return tokens[1] in _CLAUSE_SUBJECTS or second[:1].isupper() or second[:1].isdigit()
 
 
 def _is_complete_request(left: str) -> bool:
@@ -412,7 +430,7 @@ def _starts_coordinated_task(text: str, masked: str, start: int, end: int, quote
     if first in _WH:
         return second not in _CLAUSE_SUBJECTS and second != "to"
     if first in _AUX:
-        return True
+        return _is_aux_question(right, tokens)
     if first not in _VERBS:
         return False
     if first in _NOUN_VERBS and not _is_object_start(second):
@@ -421,12 +439,12 @@ def _starts_coordinated_task(text: str, masked: str, start: int, end: int, quote
 
 
 def _is_object_start(token: str) -> bool:
-    """Whether a token can begin the object of a task verb."""
+    """Whether a token can begin the object of a task verb (`x...` is quoted text, blanked by `_mask`)."""
     return token in _OBJECT_STARTERS or token in _NUMBER_WORDS or token[:1].isdigit() or token.startswith("x")
 
 
 def _is_anchored(text: str, start: int, end: int, quotes: list[tuple[int, int]]) -> bool:
-    """Whether an imperative names its own material (quote, number, language, proper noun, colon), so it stands alone."""
+    """Whether a request names its own material (quote, number, language, proper noun, colon), so it stands alone."""
     segment = text[start:end]
     if any(start <= q_start < end for q_start, _ in quotes):
         return True
@@ -438,8 +456,8 @@ def _is_anchored(text: str, start: int, end: int, quotes: list[tuple[int, int]])
     return any(w[:1].isupper() and w != "I" for w in words[1:])
 
 
-def _is_dependent(text: str, unit: str, span: tuple[int, int], quotes: list[tuple[int, int]]) -> bool:
-    """Whether a unit leans on what came before: a pronoun, an operation on a result, a bare imperative."""
+def _is_dependent(text: str, unit: str, span: tuple[int, int], quotes: list[tuple[int, int]], *, list_item: bool) -> bool:
+    """Whether a unit leans on what came before: a pronoun, an operation on a result, nothing of its own."""
     if _ANAPHORA_RE.search(unit) or _refers_with_that(unit):
         return True
     if _THIS_RE.search(unit) and ":" not in unit and not any(span[0] <= q < span[1] for q, _ in quotes):
@@ -447,13 +465,11 @@ def _is_dependent(text: str, unit: str, span: tuple[int, int], quotes: list[tupl
     tokens = _core(_tokens(unit))
     if len(tokens) < 2:
         return True
-    first = _head(tokens[0])
-    if first in _ARITHMETIC_OPS and len(re.findall(r"\d+", unit)) < 2:
+    if _head(tokens[0]) in _ARITHMETIC_OPS and len(re.findall(r"\d+", unit)) < 2:
         return True
-    if first in _VERBS and first not in _WH and first not in _AUX:
-        core_start = span[0] + _core_offset(unit)
-        return not _is_anchored(text, core_start, span[1], quotes)
-    return False
+    # Numbering says the user meant separate items; elsewhere a part must name its own material
+    # ("Should I call a vet?" after "My dog is sick. What should I do?" does not).
+    return not list_item and not _is_anchored(text, span[0] + _core_offset(unit), span[1], quotes)
 
 
 def _core_offset(unit: str) -> int:
