@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS rewards (
     reward REAL NOT NULL,
     rewarded_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS groups (
+    group_id TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL,
+    decision_ids_json TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
 """
 
 
@@ -102,6 +108,16 @@ class Decision:
     def chosen(self) -> ExpertFeatures:
         """The expert the policy sampled."""
         return self.candidates[self.chosen_index]
+
+
+@dataclass(frozen=True)
+class DecisionGroup:
+    """The part decisions of one decomposed query, rated together with one token."""
+
+    group_id: str
+    token_sha256: str
+    decision_ids: tuple[DecisionId, ...]
+    created_ms: int
 
 
 @dataclass(frozen=True)
@@ -235,6 +251,24 @@ class Ledger:
                     decision_id,
                 ),
             )
+
+    def record_group(self, group: DecisionGroup) -> None:
+        """Log the decisions that answered the parts of one decomposed query, under one id and token."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO groups (group_id, token_sha256, decision_ids_json, created_ms) VALUES (?, ?, ?, ?)",
+                (group.group_id, group.token_sha256, json.dumps(list(group.decision_ids)), group.created_ms),
+            )
+
+    def get_group(self, group_id: str) -> DecisionGroup | None:
+        """A group of part decisions, if `group_id` names one."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT group_id, token_sha256, decision_ids_json, created_ms FROM groups WHERE group_id = ?", (group_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return DecisionGroup(row[0], row[1], tuple(DecisionId(d) for d in json.loads(row[2])), row[3])
 
     def record_reward(self, decision_id: DecisionId, reward: float, now_ms: int) -> Decision:
         """Join a reward to its decision, once; returns the decision it rated."""

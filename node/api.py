@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
+from node.decompose import PART_SEPARATOR, Plan, compose_header, plan
 from node.errors import (
     ExpertBusy,
     Forbidden,
@@ -492,6 +493,76 @@ async def _routed_events(
     raise PeerUnavailable(f"no candidate could answer: {'; '.join(failures)}")
 
 
+async def decomposed_generation(
+    app: web.Application, query_plan: Plan, messages: list[ChatMessage], params: GenerationParams, constraints
+) -> Generation:
+    """Route each part of a compound query on its own and answer them one after another, each under a heading."""
+    router = app[router_key]
+    routed_parts = [(part, await router.route(part.text, constraints)) for part in query_plan.parts]
+    group_id, token = await router.record_group([r.decision.decision_id for _, r in routed_parts])
+    generation = Generation(app, "", "", _no_events(), record_metrics=False)
+    parts_view = [
+        {
+            "index": part.index,
+            "text": part.text,
+            "task": part.task,
+            "decision_id": routed.decision.decision_id,
+            "feedback_token": routed.token,
+            "probability": round(routed.decision.chosen_probability, 4),
+            "expert": routed.candidates[routed.decision.chosen_index].features.expert_id,
+            "node": routed.candidates[routed.decision.chosen_index].features.node_id,
+            "explanation": routed.explanation,
+        }
+        for part, routed in routed_parts
+    ]
+    generation.extra = {"decomposed": True, "decision_id": group_id, "feedback_token": token, "parts": parts_view}
+    generation.attach(_decomposed_events(app, routed_parts, parts_view, messages, params, generation))
+    return generation
+
+
+async def _decomposed_events(
+    app: web.Application, routed_parts, parts_view, messages: list[ChatMessage], params: GenerationParams, outer: Generation
+) -> AsyncIterator[GenerationEvent]:
+    """Each part's answer in turn, under a heading naming its expert; usage summed over the parts."""
+    prompt_tokens = completion_tokens = 0
+    finish_reason = "stop"
+    served: list[tuple[str, str]] = []
+    for position, (part, routed) in enumerate(routed_parts):
+        part_messages = [*messages[:-1], ChatMessage("user", part.text)]
+        inner = routed_generation(app, routed, part_messages, params)
+        events = inner.__aiter__()
+        try:
+            first = await events.__anext__()
+            served.append((inner.expert_id, inner.node_id))
+            parts_view[position].update(expert=inner.expert_id, node=inner.node_id)
+            if "fallback" in inner.extra:
+                parts_view[position]["fallback"] = inner.extra["fallback"]
+            outer.expert_id = "+".join(dict.fromkeys(e for e, _ in served))
+            outer.node_id = "+".join(dict.fromkeys(n for _, n in served))
+            separator = PART_SEPARATOR if position else ""
+            yield Delta(separator + compose_header(part, inner.expert_id, inner.node_id) + "\n")
+            event = first
+            while True:
+                if isinstance(event, Finished):
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    finish_reason = event.finish_reason
+                    break
+                yield event
+                event = await events.__anext__()
+        finally:
+            await events.aclose()
+    yield Finished(finish_reason, prompt_tokens, completion_tokens)
+
+
+def _decompose_requested(body: ChatCompletionRequest, settings: Settings) -> bool:
+    """The request's `expertmesh.decompose`, else the node's default."""
+    value = (body.expertmesh or {}).get("decompose", settings.decompose_default)
+    if not isinstance(value, bool):
+        raise InvalidRequest("expertmesh.decompose must be true or false", param="expertmesh.decompose")
+    return value
+
+
 def _routing_text(messages: list[ChatMessage]) -> str:
     """What the router reads of a conversation: the last user message."""
     return next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
@@ -504,8 +575,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     params = generation_params(body, app[settings_key])
     if body.model == AUTO_MODEL:
-        routed = await app[router_key].route(_routing_text(messages), parse_constraints(body.expertmesh))
-        generation = routed_generation(app, routed, messages, params)
+        constraints = parse_constraints(body.expertmesh)
+        query_plan = plan(_routing_text(messages), enabled=_decompose_requested(body, app[settings_key]))
+        if query_plan.compound:
+            generation = await decomposed_generation(app, query_plan, messages, params, constraints)
+        else:
+            routed = await app[router_key].route(_routing_text(messages), constraints)
+            generation = routed_generation(app, routed, messages, params)
     else:
         target = resolve_target(app, body.model)
         if isinstance(target, LocalExpert):

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--max-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float)
+    ask.add_argument("--decompose", action="store_true", help="split a compound question across experts")
     ask.add_argument("--rate", choices=("up", "down"), help="rate the answer without asking (for scripts)")
     ask.add_argument("--no-rate", action="store_true", help="do not ask for a rating")
 
@@ -163,6 +164,8 @@ async def _ask(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "stream": args.stream,
     }
+    if args.decompose:
+        body["expertmesh"] = {"decompose": True}
     if args.temperature is not None:
         body["temperature"] = args.temperature
     url = args.node.rstrip("/") + "/v1/chat/completions"

@@ -52,6 +52,7 @@ class Settings:
     local_only: bool = False
     min_scores: dict[str, float] = field(default_factory=dict)  # judged score per dimension, 0..1
     exploration: str = "squarecb"  # or "epsilon", "softmax"
+    decompose_default: bool = False  # split compound `auto` queries unless a request says otherwise
     judge_on_start: bool = True  # judge local experts in the background (a stored card is reused)
     judge_items_per_dimension: int | None = None  # None: every item of every suite
     api_key: str | None = None  # the user API key; see require_api_key
@@ -83,7 +84,7 @@ _FLOAT_FIELDS = {
     "peer_rate_limit_burst",
     "peer_idle_timeout_s",
 }
-_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key"}
+_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -15,6 +16,7 @@ from bandit.features import ExpertFeatures, ExpertId, NodeId, QueryFeatures, que
 from bandit.ledger import (
     AlreadyRated,
     Decision,
+    DecisionGroup,
     DecisionId,
     Ledger,
     UnknownDecision,
@@ -322,11 +324,18 @@ class Router:
 
     # ---- feedback -----------------------------------------------------------------------
 
-    async def feedback(self, decision_id: str, token: str, reward: float) -> Decision:
-        """Store a rating (403 wrong token, 404 unknown, 409 rated already), then learn from it."""
+    async def feedback(self, decision_id: str, token: str, reward: float) -> Decision | None:
+        """Store a rating (403 wrong token, 404 unknown, 409 rated already), then learn from it.
+
+        A decomposed answer's group id rates each of its parts not rated on its own yet.
+        """
         decision = await self._in_thread(self.ledger.get, DecisionId(decision_id))
         if decision is None:
-            raise NotFound(f"no decision {decision_id!r}", param="decision_id")
+            group = await self._in_thread(self.ledger.get_group, decision_id)
+            if group is None:
+                raise NotFound(f"no decision {decision_id!r}", param="decision_id")
+            await self._group_feedback(group, token, reward)
+            return None
         if not check_token(decision, token):
             raise Forbidden("the feedback token does not match this decision", param="token")
         try:
@@ -337,6 +346,28 @@ class Router:
             raise NotFound(f"no decision {decision_id!r}", param="decision_id") from exc
         await self._in_thread(self._replay)  # the rating is stored; learn it (and anything missed) in order
         return decision
+
+    async def record_group(self, decision_ids: Sequence[str]) -> tuple[str, str]:
+        """One id and token to rate every part of a decomposed answer at once."""
+        group_id, token = uuid.uuid4().hex, new_feedback_token()
+        group = DecisionGroup(group_id, token_sha256(token), tuple(DecisionId(d) for d in decision_ids), self._clock_ms())
+        await self._in_thread(self.ledger.record_group, group)
+        return group_id, token
+
+    async def _group_feedback(self, group: DecisionGroup, token: str, reward: float) -> None:
+        """Rate every part of a decomposed answer that was not rated on its own yet."""
+        if not hmac.compare_digest(token_sha256(token), group.token_sha256):
+            raise Forbidden("the feedback token does not match this decision", param="token")
+        rated = 0
+        for decision_id in group.decision_ids:
+            try:
+                await self._in_thread(self.ledger.record_reward, decision_id, reward, self._clock_ms())
+                rated += 1
+            except AlreadyRated:
+                continue
+        if rated == 0:
+            raise Conflict(f"every part of {group.group_id!r} was rated already", param="decision_id")
+        await self._in_thread(self._replay)
 
     async def decision(self, decision_id: str) -> tuple[Decision, float | None]:
         """A recorded decision and its reward, if rated."""
