@@ -301,3 +301,17 @@ def test_the_page_fits_a_phone(browser: Any, web_node: RunningNode) -> None:
     finally:
         context.close()
     assert not errors, f"script errors in the page: {errors}"
+
+
+def test_the_page_asks_for_the_api_key_when_the_node_wants_one(browser: Any, tmp_path) -> None:
+    node = start_node(tmp_path / "keyed", "--model", "smollm2-135m", "--api-key", "page-key")
+    context, page, errors = _new_page(browser)
+    try:
+        page.on("dialog", lambda dialog: dialog.accept("page-key"))
+        page.goto(node.url + "/", wait_until="domcontentloaded")
+        page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+        assert page.evaluate("window.localStorage.getItem('expertmesh.apiKey')") == "page-key"
+        assert not errors
+    finally:
+        context.close()
+        node.stop()

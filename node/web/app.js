@@ -102,13 +102,29 @@
     return new ApiError(response.status, `${response.status}: ${detail}`);
   }
 
-  async function request(path, options = {}) {
+  // A node listening beyond loopback wants its API key; the page asks once and remembers it.
+  const KEY_STORAGE = "expertmesh.apiKey";
+
+  function withKey(options) {
+    const key = window.localStorage.getItem(KEY_STORAGE);
+    if (!key) return options;
+    return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } };
+  }
+
+  async function request(path, options = {}, askedForKey = false) {
     let response;
     try {
-      response = await fetch(path, { cache: "no-store", ...options });
+      response = await fetch(path, { cache: "no-store", ...withKey(options) });
     } catch (exc) {
       if (exc.name === "AbortError") throw exc;
       throw new ApiError(0, `Cannot reach the node (${exc.message}).`);
+    }
+    if (response.status === 401 && !askedForKey) {
+      const key = window.prompt("This node needs its API key (the file api_key in its data dir):");
+      if (key && key.trim()) {
+        window.localStorage.setItem(KEY_STORAGE, key.trim());
+        return request(path, options, true);
+      }
     }
     if (!response.ok) throw await errorOf(response);
     return response;
