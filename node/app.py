@@ -40,13 +40,7 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
     for name_or_path in settings.models:
         model = catalog.resolve(name_or_path, settings.models_dir, progress=True)
         expert = load_expert(
-            name=model.name,
-            path=model.path,
-            sha256=model.sha256,
-            size_bytes=model.size_bytes,
-            family=model.family,
-            quantization=model.quantization,
-            params=catalog.CATALOG[model.name].params if model.name in catalog.CATALOG else None,
+            model,
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,

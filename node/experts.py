@@ -13,6 +13,7 @@ from typing import AsyncIterator, Literal, NewType, Sequence
 
 import jinja2
 
+from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -290,22 +291,12 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def load_expert(
-    *,
-    name: str,
-    path: Path,
-    sha256: str,
-    size_bytes: int,
-    family: str | None,
-    quantization: str | None,
-    params: str | None = None,
-    n_ctx: int,
-    n_threads: int | None,
-    n_gpu_layers: int,
-    queue_size: int,
-) -> LocalExpert:
-    """Load a GGUF with llama.cpp (blocking: call it off the event loop)."""
+def load_expert(model: ModelFile, *, n_ctx: int, n_threads: int | None, n_gpu_layers: int, queue_size: int) -> LocalExpert:
+    """Load a pulled or local GGUF with llama.cpp (blocking: call it off the event loop)."""
     from llama_cpp import Llama
+
+    name, path, sha256 = model.name, model.path, model.sha256
+    entry = CATALOG.get(name)
 
     started_s = time.perf_counter()
     llama = Llama(
@@ -320,12 +311,12 @@ def load_expert(
         name=name,
         path=path,
         sha256=sha256,
-        size_bytes=size_bytes,
-        family=family,
-        quantization=quantization,
+        size_bytes=model.size_bytes,
+        family=model.family,
+        quantization=model.quantization,
         prompt_style=detect_prompt_style(llama.metadata),
         n_ctx=llama.n_ctx(),
-        params=params,
+        params=entry.params if entry is not None else None,
     )
     log.info(
         "expert %s loaded in %.1f s (%s prompts, n_ctx %d, gpu offload %s)",

@@ -68,18 +68,7 @@ class Judged:
 
 def _load(name: str) -> LocalExpert:
     model = catalog.resolve(name, catalog.default_models_dir(), progress=False)
-    return load_expert(
-        name=model.name,
-        path=model.path,
-        sha256=model.sha256,
-        size_bytes=model.size_bytes,
-        family=model.family,
-        quantization=model.quantization,
-        n_ctx=N_CTX,
-        n_threads=None,
-        n_gpu_layers=0,
-        queue_size=2,
-    )
+    return load_expert(model, n_ctx=N_CTX, n_threads=None, n_gpu_layers=0, queue_size=2)
 
 
 def _means(signed: SignedCapabilityCard) -> dict[str, float]:
