@@ -299,7 +299,10 @@ async def _remote_events(
                 if frame.kind == "delta":
                     yield Delta(frame.text)
                 elif frame.kind == "done":
-                    _check_speed(network, host, frame.completion_tokens, time.perf_counter() - first_s)
+                    network.check_speed(
+                        node_id, host.info.expert_id, host.info.tokens_per_s, frame.completion_tokens,
+                        time.perf_counter() - first_s, via="forwarded answer",
+                    )
                     yield Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
                     return
                 else:
@@ -320,24 +323,6 @@ async def _remote_events(
     if busy_retry_s and len(busy_retry_s) == len(hosts):
         raise ExpertBusy(f"every peer hosting {request.expert_id} is busy", retry_after_s=min(busy_retry_s))
     raise PeerUnavailable(f"no peer hosting {request.expert_id} answered: {'; '.join(failures)}")
-
-
-# A peer delivering under a third of the speed it claims is lying, not merely loaded.
-SPEED_LIE_FACTOR = 3.0
-MIN_TOKENS_FOR_SPEED_CHECK = 8
-
-
-def _check_speed(network: Network, host: RemoteExpert, completion_tokens: int, decode_s: float) -> None:
-    """Compare a peer's delivered tokens/s with the speed its card claims."""
-    claimed = host.info.tokens_per_s
-    if claimed and completion_tokens >= MIN_TOKENS_FOR_SPEED_CHECK and decode_s > 0:
-        measured = (completion_tokens - 1) / decode_s
-        if measured * SPEED_LIE_FACTOR < claimed:
-            network.note_misbehaviour(
-                host.peer.node_id, "speed_lie", f"{host.info.expert_id} claims {claimed:.0f} tokens/s, delivered {measured:.1f}"
-            )
-            return
-    network.note_good_service(host.peer.node_id)
 
 
 def _usage(finished: Finished) -> dict[str, int]:

@@ -107,6 +107,8 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir,
         judge_on_start=settings.judge_on_start,
         items_per_dimension=settings.judge_items_per_dimension,
+        judge_expert=settings.judge_expert,
+        spot_check_interval_s=settings.spot_check_interval_s,
     )
     network.card_extras = judging.hello_cards
     network.on_peer_card = judging.accept_node_card

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--community-secret", help="shared secret every peer request must prove (HMAC)")
     start.add_argument("--peer-dead-after-s", type=float, help="seconds without a hello before a peer is dead (15)")
     start.add_argument("--hello-interval-s", type=float, help="seconds between hellos to each peer (5)")
+    start.add_argument("--spot-check-interval-s", type=float, help="seconds between spot checks of peers (300; 0 off)")
     start.add_argument("--peer-idle-timeout-s", type=float, help="give up on a peer silent this long mid-answer (60)")
     start.add_argument("--api-key", help="key the user API requires (Authorization: Bearer KEY)")
     start.add_argument(
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         help="require the API key (default: only when listening beyond loopback)",
     )
     start.add_argument("--no-judge", action="store_false", dest="judge_on_start", default=None, help="do not judge at start")
+    start.add_argument("--judge-expert", help="local expert (id or name) that grades open-ended probes")
     start.add_argument("--judge-items", type=int, dest="judge_items_per_dimension", help="probes per dimension (default all)")
 
     judge = commands.add_parser("judge", help="judge experts on the capability suites (local, or a peer's)")
@@ -130,8 +132,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "judge_on_start": args.judge_on_start,
         "api_key": args.api_key,
         "peer_idle_timeout_s": args.peer_idle_timeout_s,
+        "spot_check_interval_s": args.spot_check_interval_s,
         "require_api_key": args.require_api_key,
         "judge_items_per_dimension": args.judge_items_per_dimension,
+        "judge_expert": args.judge_expert,
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)

@@ -55,12 +55,14 @@ class Settings:
     decompose_default: bool = False  # split compound `auto` queries unless a request says otherwise
     judge_on_start: bool = True  # judge local experts in the background (a stored card is reused)
     judge_items_per_dimension: int | None = None  # None: every item of every suite
+    judge_expert: str | None = None  # a local expert (id or name) that grades open-ended items; none: skipped
     api_key: str | None = None  # the user API key; see require_api_key
     require_api_key: bool | None = None  # None: required exactly when `host` is not loopback
     rate_limit_per_s: float = 50.0  # user API requests per client address
     rate_limit_burst: float = 100.0
     peer_rate_limit_per_s: float = 100.0  # peer API requests per peer address
     peer_rate_limit_burst: float = 200.0
+    spot_check_interval_s: float = 300.0  # how often a random remote expert gets a probe (0: never)
     peer_idle_timeout_s: float = 60.0  # a peer silent this long mid-answer is given up on
 
 
@@ -83,6 +85,7 @@ _FLOAT_FIELDS = {
     "peer_rate_limit_per_s",
     "peer_rate_limit_burst",
     "peer_idle_timeout_s",
+    "spot_check_interval_s",
 }
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
@@ -105,7 +108,7 @@ def _coerce(name: str, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"setting {name!r} must be a number, got {value!r}", param=name) from exc
-        if not number > 0:
+        if number < 0 or (number == 0 and name != "spot_check_interval_s"):
             raise InvalidRequest(f"setting {name!r} must be positive", param=name)
         return number
     if name in _BOOL_FIELDS:

@@ -32,12 +32,13 @@ from node.judge.runner import (
     judge_local_expert,
     load_private_items,
     local_ask,
+    local_judge_ask,
     run_probes,
     summarize_run,
 )
 from node.judge.suites import ProbeItem, combined_version, load_suites, suite_digest
 from node.network import Network, RemoteExpert
-from peers.client import PeerClient, PeerError
+from peers.client import PeerClient, PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.identity import NodeIdentity
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest, NodeCard
@@ -48,6 +49,7 @@ CARDS_FILE = "cards.db"
 MAX_CARDS_PER_EXPERT = 16  # what travels in a hello
 BUSY_RETRY_S = 1.0
 DEFAULT_PEER_ITEMS_PER_DIMENSION = 8
+SPOT_CHECK_MAX_TOKENS = 32  # enough tokens for a meaningful speed reading
 
 # Called with (expert_id, done, total) as probes are answered.
 Progress = Callable[[str, int, int], None]
@@ -117,6 +119,8 @@ class Judging:
         *,
         judge_on_start: bool = True,
         items_per_dimension: int | None = None,
+        judge_expert: str | None = None,
+        spot_check_interval_s: float = 0.0,
     ) -> None:
         self._identity = identity
         self._pool = pool
@@ -125,6 +129,9 @@ class Judging:
         self._data_dir = data_dir
         self._judge_on_start = judge_on_start
         self._items_per_dimension = items_per_dimension
+        self._judge_expert = judge_expert
+        self._spot_check_interval_s = spot_check_interval_s
+        self._spot_task: asyncio.Task | None = None
         self.store = CardStore(data_dir / CARDS_FILE)
         self.status: dict[str, JudgeStatus] = {e.spec.id: JudgeStatus() for e in pool}
         self._scores: dict[str, dict[str, float]] = {}
@@ -141,12 +148,15 @@ class Judging:
             await self._refresh(expert.spec.sha256, expert.spec.id)
         if self._judge_on_start:
             self._task = asyncio.create_task(self._judge_all_local(), name="judge-local")
+        if self._spot_check_interval_s > 0:
+            self._spot_task = asyncio.create_task(self._spot_check_loop(), name="spot-checks")
 
     async def close(self) -> None:
         """Stop judging and close the store."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._spot_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self.store.close()
 
     async def _judge_all_local(self) -> None:
@@ -273,6 +283,18 @@ class Judging:
 
     # ---- judging --------------------------------------------------------------------------
 
+    def _judge_ask(self):
+        """The designated judge expert's grading call for open-ended items, if one is configured here."""
+        if self._judge_expert is None:
+            return None
+        judge = self._pool.get(self._judge_expert) or next(
+            (e for e in self._pool if e.spec.name == self._judge_expert), None
+        )
+        if judge is None:
+            log.warning("judge expert %r is not a local expert: open-ended items are skipped", self._judge_expert)
+            return None
+        return local_judge_ask(judge)
+
     async def judge_local(
         self,
         expert: LocalExpert,
@@ -311,6 +333,7 @@ class Judging:
                     items_per_dimension=per_dimension,
                     force=force,
                     ask=patient_ask,
+                    judge_ask=self._judge_ask(),
                 )
             except BaseException as exc:
                 status.state, status.error = "failed", str(exc) or type(exc).__name__
@@ -337,7 +360,7 @@ class Judging:
         items = choose_independent_items(suites, items_per_dimension, rng, private)
         counter = _Counter(expert_id, len(items), progress)
         async with self._lock:
-            results = await run_probes(self._peer_ask(target, counter), items)
+            results = await run_probes(self._peer_ask(target, counter), items, judge_ask=self._judge_ask())
         scores, performance = summarize_run(results, expert_id, target.info.sha256, target.info.n_ctx)
         card = CapabilityCard(
             expert_id=expert_id,
@@ -361,19 +384,50 @@ class Judging:
             log.warning("could not hand the card to %s: %s (kept here)", node_id, exc)
         return signed
 
+    async def _spot_check_loop(self) -> None:
+        """Now and then ask a random remote expert an easy probe, to catch peers that lie about what they serve."""
+        items = [item for item in load_suites(["knowledge", "arithmetic"]).values() for item in item.items]
+        while True:
+            await asyncio.sleep(self._spot_check_interval_s)
+            remotes = self._network.remote_experts()
+            if remotes:
+                await self.spot_check(random.choice(remotes), random.choice(items))
+
+    async def spot_check(self, target: RemoteExpert, item: ProbeItem) -> None:
+        """One probe to a peer's expert: speed against its claim, and the protocol kept; evidence on failure."""
+        node_id = target.peer.node_id
+        ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=SPOT_CHECK_MAX_TOKENS)
+        try:
+            answer = await ask(item)
+        except PeerUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PeerRejected) and cause.status == 404:
+                self._network.note_misbehaviour(node_id, "missing_expert", f"spot check: {target.info.expert_id}: {cause}")
+            elif isinstance(cause, PeerProtocolError):
+                self._network.note_misbehaviour(node_id, "garbage", f"spot check: {cause}")
+            elif isinstance(cause, PeerTimedOut):
+                self._network.note_misbehaviour(node_id, "timeout", f"spot check: {cause}")
+            else:
+                log.info("spot check of %s on %s failed: %s", target.info.expert_id, node_id, exc.message)
+            return
+        self._network.check_speed(
+            node_id, target.info.expert_id, target.info.tokens_per_s, answer.completion_tokens,
+            answer.elapsed_s - answer.ttft_s, via="spot check",
+        )
+
     def _find_remote(self, node_id: str, expert_id: str) -> RemoteExpert:
         for remote in self._network.remote_experts():
             if remote.peer.node_id == node_id and remote.info.expert_id == expert_id:
                 return remote
         raise ModelNotFound(f"no alive peer {node_id!r} hosting {expert_id!r}", param="expert")
 
-    def _peer_ask(self, target: RemoteExpert, counter: _Counter):
+    def _peer_ask(self, target: RemoteExpert, counter: _Counter, *, max_tokens: int | None = None):
         async def ask(item: ProbeItem) -> ProbeAnswer:
             request = GenerateRequest(
                 request_id=os.urandom(8).hex(),
                 expert_id=target.info.expert_id,
                 messages=(WireChatMessage(role="user", content=item.prompt),),
-                max_tokens=item.max_tokens,
+                max_tokens=max_tokens or item.max_tokens,
                 temperature=0.0,
                 top_p=None,
                 stop=(),
@@ -394,6 +448,8 @@ class Judging:
                         completion_tokens = frame.completion_tokens
                     else:
                         raise PeerUnavailable(f"peer {target.peer.node_id} failed: {frame.error}")
+            except StopAsyncIteration as exc:
+                raise PeerUnavailable(f"peer {target.peer.node_id} ended the stream early") from exc
             except PeerError as exc:
                 raise PeerUnavailable(f"peer {target.peer.node_id} failed while being judged: {exc}") from exc
             elapsed_s = time.perf_counter() - started_s

@@ -37,6 +37,9 @@ TICK_S = 1.0
 EXCHANGE_INTERVAL_S = 10.0
 EXCHANGE_LIMIT = 32
 MAX_HELLOS_IN_FLIGHT = 16
+# A peer delivering under a third of the speed it claims is lying, not merely loaded.
+SPEED_LIE_FACTOR = 3.0
+MIN_TOKENS_FOR_SPEED_CHECK = 8
 
 
 def stable_digest(card: NodeCard) -> str:
@@ -231,6 +234,16 @@ class Network:
         log.warning("peer %s: %s (%s); trust %.2f", node_id, kind, detail, after.score)
         if after.distrusted and not before.distrusted:
             log.warning("peer %s is distrusted: its experts are no longer used", node_id)
+
+    def check_speed(self, node_id: str, expert_id: str, claimed: float | None, completion_tokens: int, decode_s: float, *, via: str) -> None:
+        """Compare a peer's delivered tokens/s with its card's claim: far below it is a lie, else good service."""
+        if claimed and completion_tokens >= MIN_TOKENS_FOR_SPEED_CHECK and decode_s > 0:
+            measured = (completion_tokens - 1) / decode_s
+            if measured * SPEED_LIE_FACTOR < claimed:
+                detail = f"{via}: {expert_id} claims {claimed:.0f} tokens/s, delivered {measured:.1f}"
+                self.note_misbehaviour(node_id, "speed_lie", detail)
+                return
+        self.note_good_service(node_id)
 
     def note_good_service(self, node_id: str) -> None:
         """A request served well restores a little trust."""

@@ -201,3 +201,21 @@ def test_a_flooding_client_is_rate_limited(tmp_path: Path) -> None:
         assert get_json(node.url + "/healthz")["status"] == "ok"  # the budget refills
     finally:
         node.stop()
+
+
+def test_spot_checks_catch_a_lying_peer_without_any_user_request(tmp_path: Path) -> None:
+    liar = LyingPeer(tmp_path / "liar")
+    liar.start()
+    node = start_node(
+        tmp_path / "node", "--model", "smollm2-135m", "--peer", liar.url,
+        "--peer-idle-timeout-s", "2", "--spot-check-interval-s", "0.5", *FAST,
+    )
+    try:
+        wait_for(lambda: bool(_liar_row(node, liar)["evidence"]) if liar.identity.node_id in {
+            p["id"] for p in get_json(node.url + "/v1/peers")["data"]} else False, timeout_s=30, what="a spot check to catch the liar")
+        evidence = _liar_row(node, liar)["evidence"]
+        assert {e["kind"] for e in evidence} <= {"missing_expert", "garbage", "timeout", "speed_lie"}
+        assert all(e["detail"].startswith("spot check") for e in evidence)
+    finally:
+        node.stop()
+        liar.stop()
