@@ -33,6 +33,7 @@ from node.experts import (
     GenerationParams,
     LocalExpert,
 )
+from node import openapi
 from node.metrics import NodeMetrics
 from node.network import Network, RemoteExpert
 from node.judging import Judging, card_view
@@ -120,7 +121,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         response = await handler(request)
         status = response.status
         return response
-    except web.HTTPException as exc:
+    except (web.HTTPException, NodeError) as exc:
         status = exc.status
         raise
     finally:
@@ -215,10 +216,13 @@ class Generation:
                     self._metrics.tokens.labels(self.expert_id, "completion").inc(event.completion_tokens)
                 yield event
         finally:
-            await self._events.aclose()
-            if self._release is not None:
-                self._release()
-                self._release = None
+            try:
+                await self._events.aclose()
+            finally:
+                # Even when cancelled while the worker winds down, the queue slot must come back.
+                if self._release is not None:
+                    self._release()
+                    self._release = None
 
 
 def start_generation(
@@ -614,6 +618,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     prompt_tokens = target.tokenize_text(body.prompt_text())
+    if not prompt_tokens:
+        raise InvalidRequest("the prompt is empty", param="prompt")
     params = generation_params(body, app[settings_key])
     generation = start_generation(app, target, prompt_tokens, (), params)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -895,4 +901,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/experts", list_experts)
     app.router.add_post("/v1/judge", judge)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi.openapi_handler)
     app.router.add_get("/metrics", metrics)

@@ -173,6 +173,8 @@ class LocalExpert:
     ) -> AsyncIterator[GenerationEvent]:
         """Stream a generation for already admitted prompt tokens; the caller must `release` afterwards."""
         n_ctx = self.spec.n_ctx
+        if not prompt_tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
         if len(prompt_tokens) >= n_ctx:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_tokens)} tokens; expert {self.spec.id} has a context of {n_ctx}",
@@ -303,6 +305,9 @@ def load_expert(model: ModelFile, *, n_ctx: int, n_threads: int | None, n_gpu_la
         model_path=str(path),
         n_ctx=n_ctx,
         n_threads=n_threads,
+        # Prompt processing gets the same threads: llama.cpp's default (every core) spins against
+        # other processes on a shared machine and collapses throughput.
+        n_threads_batch=n_threads,
         n_gpu_layers=n_gpu_layers if gpu_offload_supported() else 0,
         verbose=False,
     )

@@ -22,11 +22,12 @@ JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
 REF_TEMPLATE = "#/components/schemas/{model}"
 
-# The routing constraints of a request's `expertmesh` object, as node/router.py parses them.
-_CONSTRAINT_NAMES: dict[str, Any] = {
+# The routing constraints of a request's `expertmesh` object, as node/router.py parses them (null = absent).
+_NAMES: dict[str, Any] = {
     "anyOf": [
         {"type": "string"},
         {"type": "array", "items": {"type": "string"}, "maxItems": 256},
+        {"type": "null"},
     ],
     "description": "node ids, expert ids, model names or families, or sha256 prefixes of 12+ hex digits",
 }
@@ -34,8 +35,8 @@ _ROUTE_CONSTRAINTS: dict[str, Any] = {
     "type": "object",
     "description": "Per-request routing constraints; the node's own approved set always applies too.",
     "properties": {
-        "approved": {"anyOf": [*_CONSTRAINT_NAMES["anyOf"], {"type": "null"}], "description": _CONSTRAINT_NAMES["description"]},
-        "exclude": {"anyOf": [*_CONSTRAINT_NAMES["anyOf"], {"type": "null"}], "description": _CONSTRAINT_NAMES["description"]},
+        "approved": _NAMES,
+        "exclude": _NAMES,
         "local_only": {"type": "boolean"},
         "max_latency_ms": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
         "min_scores": {

@@ -186,3 +186,27 @@ def test_cli_ask_rates_and_report_compares_policies(node: RunningNode) -> None:
         assert row in report.stdout
     stats = get_json(node.url + "/v1/router/stats")
     assert stats["rated"] >= 2 and stats["reward_over_time"] and stats["share_by_task"]["arithmetic"]
+
+
+def test_a_choice_that_fails_before_answering_falls_back_and_the_ledger_says_so(tmp_path: Path) -> None:
+    # A keeps a dead peer listed for a minute, so routing still picks it now and then.
+    a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--hello-interval-s", "1", "--peer-dead-after-s", "60")
+    b = start_node(tmp_path / "b", "--model", "gemma3-270m", "--peer", a.url, *FAST)
+    try:
+        wait_for(lambda: GEMMA3_ID in model_ids(a), what="A to list gemma3 on B")
+        os.kill(b.process.pid, signal.SIGKILL)
+        b.process.wait(timeout=10)
+        client = _client(a)
+        for _ in range(40):
+            routing = _ask(client, "What is 2 plus 2?")
+            if "fallback" in routing:
+                break
+        assert routing.get("fallback", {}).get("from") == GEMMA3_ID, "the dead expert was never chosen in 40 tries"
+        assert routing["expert"] == SMOLLM2_ID
+        decision = get_json(a.url + f"/v1/decisions/{routing['decision_id']}")
+        assert decision["status"] == "fallback"
+        assert decision["chosen"]["expert"] == GEMMA3_ID and decision["served"]["expert"] == SMOLLM2_ID
+        assert b.node_id in decision["fallback_reason"]
+    finally:
+        a.stop()
+        b.stop()
