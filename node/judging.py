@@ -34,6 +34,7 @@ from node.judge.runner import (
     local_ask,
     local_judge_ask,
     run_probes,
+    scorable_suites,
     summarize_run,
 )
 from node.judge.suites import ProbeItem, combined_version, load_suites, suite_digest
@@ -307,7 +308,8 @@ class Judging:
         """This node's card on a local expert: the stored one, or a fresh judging run."""
         status = self.status.setdefault(expert.spec.id, JudgeStatus())
         per_dimension = items_per_dimension if items_per_dimension is not None else self._items_per_dimension
-        suites = load_suites(dimensions)
+        judge_ask = self._judge_ask()
+        suites = scorable_suites(load_suites(dimensions), judge_ask is not None)
         total = sum(len(s.items) if per_dimension is None else min(per_dimension, len(s.items)) for s in suites.values())
         counter = _Counter(expert.spec.id, total, progress, status)
         ask = local_ask(expert)
@@ -333,7 +335,7 @@ class Judging:
                     items_per_dimension=per_dimension,
                     force=force,
                     ask=patient_ask,
-                    judge_ask=self._judge_ask(),
+                    judge_ask=judge_ask,
                 )
             except BaseException as exc:
                 status.state, status.error = "failed", str(exc) or type(exc).__name__
@@ -353,14 +355,15 @@ class Judging:
     ) -> SignedCapabilityCard:
         """Judge a peer's expert through its peer API on a random sample plus private items; sign as the judge."""
         target = self._find_remote(node_id, expert_id)
-        suites = load_suites(dimensions)
+        judge_ask = self._judge_ask()
+        suites = scorable_suites(load_suites(dimensions), judge_ask is not None)
         private = load_private_items(self._data_dir / PRIVATE_PROBES_FILE)
         # A fresh random sample each time, so a peer cannot learn which items it will be asked.
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
         items = choose_independent_items(suites, items_per_dimension, rng, private)
         counter = _Counter(expert_id, len(items), progress)
         async with self._lock:
-            results = await run_probes(self._peer_ask(target, counter), items, judge_ask=self._judge_ask())
+            results = await run_probes(self._peer_ask(target, counter), items, judge_ask=judge_ask)
         scores, performance = summarize_run(results, expert_id, target.info.sha256, target.info.n_ctx)
         card = CapabilityCard(
             expert_id=expert_id,

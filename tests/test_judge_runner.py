@@ -23,14 +23,17 @@ from node.judge.runner import (
     load_private_items,
     local_ask,
     run_probes,
+    scorable_suites,
     summarize_run,
 )
-from node.judge.suites import ProbeItem, SuiteError, available_dimensions, load_suites
+from node.judge.suites import ProbeItem, SuiteError, load_suites
 from peers.identity import NodeIdentity
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 N_CTX = 1024
 ITEMS_PER_DIMENSION = 6
+# Without a judge expert, dimensions made only of llm_judge items (writing) are not measured.
+AUTOMATIC_DIMENSIONS = tuple(sorted(scorable_suites(load_suites(), has_judge=False)))
 # Keeps two passes over both models within a few minutes on two busy cores.
 MAX_TOKENS_CAP = 24
 # On the full suites smollm2 is ahead of or tied with gemma3 on every dimension; gemma3's one
@@ -108,10 +111,10 @@ def test_every_dimension_is_measured(judged: Judged, experts: dict[str, LocalExp
         card = verify_capability_card(signed)
         assert card.expert_id == experts[name].spec.id
         assert card.model_sha256 == experts[name].spec.sha256
-        assert tuple(s.dimension for s in card.scores) == available_dimensions()
+        assert tuple(s.dimension for s in card.scores) == AUTOMATIC_DIMENSIONS
         assert all(s.n == ITEMS_PER_DIMENSION for s in card.scores)
         assert all(s.ci_low <= s.mean <= s.ci_high for s in card.scores)
-        assert judged.calls[name] == ITEMS_PER_DIMENSION * len(available_dimensions())
+        assert judged.calls[name] == ITEMS_PER_DIMENSION * len(AUTOMATIC_DIMENSIONS)
         assert card.sample == f"sampled:{ITEMS_PER_DIMENSION}+private:0"
         assert card.judge_node_id == card.owner_node_id == judged.identity.node_id
         assert card.performance.n_ctx == N_CTX
@@ -183,7 +186,7 @@ def test_judging_again_gives_identical_scores(judged: Judged, experts: dict[str,
                 force=True,
             )
         )
-        assert ask.calls == ITEMS_PER_DIMENSION * len(available_dimensions())
+        assert ask.calls == ITEMS_PER_DIMENSION * len(AUTOMATIC_DIMENSIONS)
         assert again.card.scores == judged.cards[name].card.scores
         assert judged.store.get(again.card.model_sha256, again.card.suite_version, judged.identity.node_id) == again
 

@@ -31,7 +31,7 @@ from node.judge.suites import (
     suite_digest,
 )
 
-DIMENSIONS = {"knowledge", "arithmetic", "translation", "classification", "instruction", "safety", "reasoning"}
+DIMENSIONS = {"knowledge", "arithmetic", "translation", "classification", "instruction", "safety", "reasoning", "writing"}
 # Suites whose content changed in release SUITE_VERSION (the label scorer); the rest keep their version.
 
 # A good and a bad answer for every instruction item: each pattern accepts what it should.

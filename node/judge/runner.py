@@ -220,6 +220,13 @@ def choose_independent_items(
     return chosen
 
 
+def scorable_suites(suites: Mapping[str, Suite], has_judge: bool) -> dict[str, Suite]:
+    """The suites a run can score: without a judge expert, those made only of `llm_judge` items are left out."""
+    if has_judge:
+        return dict(suites)
+    return {d: s for d, s in suites.items() if any(item.scorer != "llm_judge" for item in s.items)}
+
+
 async def judge_local_expert(
     expert: LocalExpert,
     identity: NodeIdentity,
@@ -236,7 +243,7 @@ async def judge_local_expert(
 ) -> SignedCapabilityCard:
     """This node's card on its own expert: the stored one when it matches, else judge, sign and store."""
     spec = expert.spec
-    suites = load_suites(dimensions)
+    suites = scorable_suites(load_suites(dimensions), judge_ask is not None)
     version, digest = combined_version(suites), suite_digest(suites)
     sample = sample_label(items_per_dimension)
     if not force:
