@@ -394,13 +394,15 @@ async def _stream(
             }
         )
         await response.prepare(request)
-        await response.write(_sse(make_chunk(None, None, first_chunk=True)))
+        # The role chunk and the first token leave in one write: one segment, one wake-up for the client.
+        pending = _sse(make_chunk(None, None, first_chunk=True))
         event: GenerationEvent | None = first
         while event is not None:
             if isinstance(event, Delta):
-                await response.write(_sse(make_chunk(event.text, None)))
+                await response.write(pending + _sse(make_chunk(event.text, None)))
+                pending = b""
             else:
-                await response.write(_sse(make_chunk(None, event.finish_reason)))
+                await response.write(pending + _sse(make_chunk(None, event.finish_reason)))
                 if include_usage:
                     await response.write(_sse(make_chunk(None, None, usage=_usage(event))))
                 break
