@@ -273,6 +273,13 @@ class Judging:
             "cards": [card_view(c) for c in cards],
             "flags": [
                 {
+                    "kind": "disagrees with an independent judge",
+                    "message": (
+                        f"{f.dimension}: the owner claims {f.owner_score.mean:.2f} "
+                        f"[{f.owner_score.ci_low:.2f}, {f.owner_score.ci_high:.2f}], "
+                        f"measured {f.independent_score.mean:.2f} "
+                        f"[{f.independent_score.ci_low:.2f}, {f.independent_score.ci_high:.2f}]"
+                    ),
                     "dimension": f.dimension,
                     "owner_score": round(f.owner_score.mean, 4),
                     "independent_score": round(f.independent_score.mean, 4),
