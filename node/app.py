@@ -217,7 +217,7 @@ async def serve(settings: Settings) -> None:
         await app[api.network_key].start(advertise_urls(settings, port))
         _write_node_file(settings.data_dir, url, node_id)
         experts = ", ".join(e.spec.id for e in app[api.pool_key])
-        log.info("serving %s at %s (OpenAI API at %s/v1)", experts, url, url)
+        log.info("serving %s: web page %s/ , OpenAI API %s/v1", experts, url, url)
         await stop.wait()
         log.info("stopping")
     finally:

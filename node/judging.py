@@ -78,6 +78,10 @@ class _Counter:
 
     def tick(self) -> None:
         self.done += 1
+        # A calm progress line every tenth of the way, for whoever watches the node's log.
+        step = max(1, self.total // 10)
+        if self.done % step == 0 or self.done == self.total:
+            log.info("judging %s: %d/%d probes", self.expert_id, self.done, self.total)
         if self.status is not None:
             self.status.done = self.done
         if self.report is not None:

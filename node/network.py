@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
+from node.access import is_loopback_host
 from node.config import Settings
 from node.experts import ExpertPool
 from node.peer_store import PeerStore, RememberedPeer
@@ -174,7 +175,10 @@ class Network:
             addresses=[urlsplit(u).hostname for u in self.urls if urlsplit(u).hostname],
             card_digest=stable_digest(self.card()),
         )
-        interfaces = list(self._settings.mdns_interfaces) or "all"
+        # A node that only listens on loopback has nothing to offer the LAN: it announces itself on loopback only.
+        interfaces = list(self._settings.mdns_interfaces) or (
+            ["127.0.0.1"] if is_loopback_host(self._settings.host) else "all"
+        )
         self._mdns = MdnsService(advertisement, self._on_mdns_event, interfaces=interfaces)
         await self._mdns.start()
 
