@@ -465,3 +465,23 @@ def drift_world(at_event: int = 1000) -> World:
     world = default_world()
     k = len(world.categories)
     return world.with_drift(Drift(at_event=at_event, expert_index=0, new_probs=(0.2,) * k))
+
+
+def synthetic_experts(n: int, *, nodes: int = 17) -> list[ExpertFeatures]:
+    """`n` plausible candidates with judged cards, for latency and memory measurements."""
+    rng = random.Random(n)
+    dims = ("knowledge", "arithmetic", "translation", "classification", "instruction")
+    return [
+        ExpertFeatures(
+            expert_id=ExpertId(f"expert-{i}"),
+            node_id=NodeId(f"node-{i % nodes}"),
+            family=("llama", "qwen", "gemma", "smollm")[i % 4],
+            params=("135M", "360M", "0.5B", "1B")[i % 4],
+            quantization=("q4_k_m", "q8_0")[i % 2],
+            scores={d: round(rng.random(), 2) for d in dims},
+            latency_ms_avg=rng.uniform(50, 2000),
+            queue_depth=rng.randrange(4),
+            local=i % 3 == 0,
+        )
+        for i in range(n)
+    ]

@@ -382,7 +382,7 @@ def report(outcomes: list[Outcome], leaders: dict[str, str], seed: int) -> None:
     w = sys.stdout.write
     n_q = len(outcomes)
 
-    w(f"\n== per query (relaxed score per part; expert per part; * = a less probable expert than the policy's top one, i.e. exploration; ties are not) ==\n")
+    w("\n== per query (relaxed score per part; expert per part; * = a less probable expert than the policy's top one, i.e. exploration; ties are not) ==\n")
     for i, o in enumerate(outcomes, 1):
         a_exp = ",".join(short(e) + ("*" if x else "") for e, x in zip(o.experts["decomposed"], o.explored["decomposed"]))
         b_exp = short(o.experts["whole"][0]) + ("*" if o.explored["whole"][0] else "")

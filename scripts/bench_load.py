@@ -34,9 +34,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bandit.features import ExpertFeatures, ExpertId, NodeId, query_features  # noqa: E402
+from bandit.features import ExpertFeatures, query_features  # noqa: E402
 from bandit.ledger import Decision, DecisionId, Ledger, new_feedback_token, query_sha256, token_sha256  # noqa: E402
 from bandit.policy import Policy, rng_for_decision, sample_index  # noqa: E402
+from bandit.simulate import synthetic_experts  # noqa: E402
 from tests.nodes import RunningNode, start_node  # noqa: E402
 
 log = logging.getLogger("bench_load")
@@ -202,22 +203,7 @@ async def wait_until_meshed(nodes: list[RunningNode], timeout_s: float = MEET_TI
 
 def _experts(n: int) -> list[ExpertFeatures]:
     """`n` plausible candidates with judged cards."""
-    rng = random.Random(n)
-    dims = ("knowledge", "arithmetic", "translation", "classification", "instruction")
-    return [
-        ExpertFeatures(
-            expert_id=ExpertId(f"expert-{i}"),
-            node_id=NodeId(f"node-{i % 3}"),
-            family=("llama", "qwen", "gemma", "smollm")[i % 4],
-            params=("135M", "360M", "0.5B", "1B")[i % 4],
-            quantization=("q4_k_m", "q8_0")[i % 2],
-            scores={d: round(rng.random(), 2) for d in dims},
-            latency_ms_avg=rng.uniform(50, 2000),
-            queue_depth=rng.randrange(4),
-            local=i == 0,
-        )
-        for i in range(n)
-    ]
+    return synthetic_experts(n, nodes=3)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bandit.features import ExpertFeatures, ExpertId, NodeId, query_features
+from bandit.features import ExpertFeatures, query_features
 from bandit.policy import Policy, sample_index
 from bandit.simulate import (
     CHECKPOINTS,
@@ -28,6 +28,7 @@ from bandit.simulate import (
     drift_recovery_events,
     drift_world,
     percent_of_oracle,
+    synthetic_experts,
     run,
 )
 
@@ -103,22 +104,7 @@ def drift_recoveries(
 
 def _experts(n: int) -> list[ExpertFeatures]:
     """`n` plausible candidates with judged cards."""
-    rng = random.Random(n)
-    dims = ("knowledge", "arithmetic", "translation", "classification", "instruction")
-    return [
-        ExpertFeatures(
-            expert_id=ExpertId(f"expert-{i}"),
-            node_id=NodeId(f"node-{i % 17}"),
-            family=("llama", "qwen", "gemma", "smollm")[i % 4],
-            params=("135M", "360M", "0.5B", "1B")[i % 4],
-            quantization=("q4_k_m", "q8_0")[i % 2],
-            scores={d: round(rng.random(), 2) for d in dims},
-            latency_ms_avg=rng.uniform(50, 2000),
-            queue_depth=rng.randrange(4),
-            local=i % 3 == 0,
-        )
-        for i in range(n)
-    ]
+    return synthetic_experts(n)
 
 
 def _timings_ms(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
