@@ -138,7 +138,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def resolve_expert(pool: ExpertPool, model: str) -> LocalExpert:
-    """The local expert a request names; `auto` takes the first local expert until routing exists."""
+    """The local expert a request names; for `auto` (only text completions get here: they are not routed), the first."""
     expert = pool.first() if model == AUTO_MODEL else pool.get(model)
     if expert is None:
         known = ", ".join([AUTO_MODEL, *(e.spec.id for e in pool)])
