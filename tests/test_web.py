@@ -309,7 +309,7 @@ def test_the_page_asks_for_the_api_key_when_the_node_wants_one(browser: Any, tmp
     try:
         page.on("dialog", lambda dialog: dialog.accept("page-key"))
         page.goto(node.url + "/", wait_until="domcontentloaded")
-        page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+        page.locator("#model option").nth(1).wait_for(state="attached")  # the models loaded with the key
         assert page.evaluate("window.localStorage.getItem('expertmesh.apiKey')") == "page-key"
         assert not errors
     finally:
