@@ -130,3 +130,25 @@ def test_a_tampered_card_in_a_hello_is_dropped(tmp_path: Path) -> None:
         assert experts(target).get(SMOLLM2_ID) is None
     finally:
         target.stop()
+
+
+def test_cli_judges_a_local_expert_on_demand(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", "--model", "smollm2-135m")  # no judging at start
+    try:
+        assert experts(node)[SMOLLM2_ID]["judging"]["state"] == "unjudged"
+        result = subprocess.run(
+            [sys.executable, "-m", "node", "judge", SMOLLM2_ID, "--dimensions", "arithmetic", "knowledge",
+             "--items", "2", "--node", node.url],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"{SMOLLM2_ID} judged by {node.node_id} (sampled:2+private:0" in result.stdout
+        assert "arithmetic" in result.stdout and "knowledge" in result.stdout and "tokens/s" in result.stdout
+        row = experts(node)[SMOLLM2_ID]
+        assert row["judging"]["state"] == "judged" and set(row["scores"]) == {"arithmetic", "knowledge"}
+        missing = subprocess.run(
+            [sys.executable, "-m", "node", "judge", "nope@000", "--node", node.url], capture_output=True, text=True, timeout=60
+        )
+        assert missing.returncode == 1 and "nope@000" in missing.stderr
+    finally:
+        node.stop()
