@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node.config import Settings
-from node.decompose import PART_SEPARATOR, Plan, compose_header, plan
+from node.decompose import PART_SEPARATOR, Plan, compose_header, parse_proposal, plan, proposal_prompt
 from node.errors import (
     ExpertBusy,
     Forbidden,
@@ -36,6 +36,7 @@ from node.experts import (
 from node import openapi
 from node.metrics import NodeMetrics
 from node.network import Network, RemoteExpert
+from node.judge.runner import ask_expert
 from node.judging import Judging, card_view
 from node.router import RATINGS, Routed, Router, parse_constraints
 from node.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, JudgeRequest, parse_body
@@ -546,6 +547,49 @@ async def _decomposed_events(
     yield Finished(finish_reason, prompt_tokens, completion_tokens)
 
 
+PROPOSAL_MAX_TOKENS = 128
+
+
+def _may_hide_several_requests(text: str) -> bool:
+    """Cheap signs that rules may have missed a split, before paying for an expert's proposal."""
+    return len(text) > 40 and (text.count("?") + text.count(".") + text.count("!") >= 2 or " and " in text)
+
+
+def _split_proposer(app: web.Application, constraints) -> LocalExpert | None:
+    """The approved local instruct expert whose judged instruction-following is good enough to propose splits."""
+    threshold = app[settings_key].decompose_proposer_min_score
+    best: tuple[float, LocalExpert] | None = None
+    for candidate in app[router_key].candidates(constraints):
+        expert = candidate.local
+        score = candidate.features.scores.get("instruction")
+        if expert is None or expert.spec.prompt_style != "chat" or score is None or score < threshold:
+            continue
+        if best is None or score > best[0]:
+            best = (score, expert)
+    return None if best is None else best[1]
+
+
+async def plan_query(app: web.Application, text: str, *, enabled: bool, constraints) -> Plan:
+    """Split by rules first; when they find one request, a good enough instruct expert may propose a split."""
+    query_plan = plan(text, enabled=enabled)
+    if not enabled or query_plan.compound or not _may_hide_several_requests(text):
+        return query_plan
+    proposer = _split_proposer(app, constraints)
+    if proposer is None:
+        return query_plan
+    log.info("asked %s to propose a split", proposer.spec.id)
+    try:
+        reply = await ask_expert(proposer, proposal_prompt(text), max_tokens=PROPOSAL_MAX_TOKENS)
+    except NodeError as exc:
+        log.info("no split proposal from %s: %s", proposer.spec.id, exc.message)
+        return query_plan
+    parts = parse_proposal(reply.text, text)
+    if parts is None or len(parts) < 2:
+        log.info("kept the rules' plan: %s proposed no faithful split", proposer.spec.id)
+        return query_plan
+    return Plan(tuple(parts), True)
+
+
 def _decompose_requested(body: ChatCompletionRequest, settings: Settings) -> bool:
     """The request's `expertmesh.decompose`, else the node's default."""
     value = (body.expertmesh or {}).get("decompose", settings.decompose_default)
@@ -567,7 +611,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = generation_params(body, app[settings_key])
     if body.model == AUTO_MODEL:
         constraints = parse_constraints(body.expertmesh)
-        query_plan = plan(_routing_text(messages), enabled=_decompose_requested(body, app[settings_key]))
+        enabled = _decompose_requested(body, app[settings_key])
+        query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
         if query_plan.compound:
             generation = await decomposed_generation(app, query_plan, messages, params, constraints)
         else:

@@ -53,6 +53,8 @@ class Settings:
     min_scores: dict[str, float] = field(default_factory=dict)  # judged score per dimension, 0..1
     exploration: str = "squarecb"  # or "epsilon", "softmax"
     decompose_default: bool = False  # split compound `auto` queries unless a request says otherwise
+    # A local instruct expert may propose a split the rules missed once its judged instruction score reaches this.
+    decompose_proposer_min_score: float = 0.6
     judge_on_start: bool = True  # judge local experts in the background (a stored card is reused)
     judge_items_per_dimension: int | None = None  # None: every item of every suite
     judge_expert: str | None = None  # a local expert (id or name) that grades open-ended items; none: skipped
@@ -86,6 +88,7 @@ _FLOAT_FIELDS = {
     "peer_rate_limit_burst",
     "peer_idle_timeout_s",
     "spot_check_interval_s",
+    "decompose_proposer_min_score",
 }
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
@@ -108,7 +111,7 @@ def _coerce(name: str, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"setting {name!r} must be a number, got {value!r}", param=name) from exc
-        if number < 0 or (number == 0 and name != "spot_check_interval_s"):
+        if number < 0 or (number == 0 and name not in ("spot_check_interval_s", "decompose_proposer_min_score")):
             raise InvalidRequest(f"setting {name!r} must be positive", param=name)
         return number
     if name in _BOOL_FIELDS:

@@ -72,3 +72,25 @@ def test_decomposition_is_opt_in_and_validated(node: RunningNode) -> None:
     assert "parts" not in single and single["decision_id"]
     with pytest.raises(openai.BadRequestError):
         _ask(node, COMPOUND, decompose="yes")
+
+
+def test_an_instruct_expert_good_enough_by_its_card_may_propose_a_split(tmp_path) -> None:
+    from tests.nodes import start_node
+    from tests.test_peers import wait_for
+
+    # Any judged instruction score qualifies here, so the (weak) local expert is asked.
+    node = start_node(
+        tmp_path / "node", "--model", "smollm2-135m", "--judge-items", "1", judge=True,
+        env={"EXPERTMESH_DECOMPOSE_PROPOSER_MIN_SCORE": "0"},
+    )
+    try:
+        wait_for(lambda: bool(get_json(node.url + "/v1/experts")["data"][0]["scores"]), timeout_s=120, what="a card")
+        response = _ask(node, "Summarize the news and list the key points for me.", decompose=True)
+        assert response.choices[0].message.content
+        log = node.log()
+        assert "asked smollm2-135m@b179c9523d0e to propose a split" in log
+        routing = response.model_extra["expertmesh"]
+        # Either the proposal was faithful and used, or the rules' single part stands; both are answered.
+        assert ("parts" in routing) or ("kept the rules' plan" in log)
+    finally:
+        node.stop()
