@@ -1,0 +1,33 @@
+"""Typed keys of the node's application state, shared by the user API, the peer API and the app factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from node.config import Settings
+from node.experts import ExpertPool
+from node.judging import Judging
+from node.metrics import NodeMetrics
+from node.network import Network
+from node.router import Router
+from peers.client import PeerClient
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Who this node is, for responses and listings."""
+
+    node_id: str
+    started_s: float
+
+
+settings_key = web.AppKey("settings", Settings)
+pool_key = web.AppKey("pool", ExpertPool)
+metrics_key = web.AppKey("metrics", NodeMetrics)
+node_info_key = web.AppKey("node_info", NodeInfo)
+network_key = web.AppKey("network", Network)
+peer_client_key = web.AppKey("peer_client", PeerClient)
+router_key = web.AppKey("router", Router)
+judging_key = web.AppKey("judging", Judging)
