@@ -18,6 +18,7 @@ from aiohttp import web
 from node import api, catalog, peer_api, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.config import Settings
+from node.errors import NodeError
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.judging import Judging
 from node.metrics import create_metrics
@@ -202,7 +203,11 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise NodeError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
