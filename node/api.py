@@ -50,7 +50,8 @@ from node.keys import (  # noqa: F401 - re-exported: the app factory and the pee
     router_key,
     settings_key,
 )
-from node.network import RemoteExpert
+from node.network import Network, RemoteExpert
+from peers.table import PeerState
 from node.router import RATINGS, parse_constraints
 from node.schemas import (
     ChatCompletionRequest,
@@ -300,33 +301,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             generation = start_generation(app, target, prompt_tokens, stops, params)
         else:
             generation = forward_generation(app, target, messages, params)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, True), include_usage)
-
-    texts, finished = await _collect(generation)
-    return web.json_response(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": generation.expert_id,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(texts)},
-                    "logprobs": None,
-                    "finish_reason": finished.finish_reason,
-                }
-            ],
-            "usage": _usage(finished),
-            "expertmesh": generation.provenance(),
-        },
-        headers=_headers(generation),
-    )
+    return await _respond(request, generation, body, chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -340,29 +315,43 @@ async def completions(request: web.Request) -> web.StreamResponse:
             param="model",
         )
     prompt_tokens = target.tokenize_text(body.prompt_text())
-    if not prompt_tokens:
+    if not prompt_tokens:  # refused before taking a queue place (generate checks it again for chat)
         raise InvalidRequest("the prompt is empty", param="prompt")
     params = generation_params(body, app[settings_key])
     generation = start_generation(app, target, prompt_tokens, (), params)
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    return await _respond(request, generation, body, chat=False)
+
+
+async def _respond(
+    request: web.Request, generation: Generation, body: ChatCompletionRequest | CompletionRequest, *, chat: bool
+) -> web.StreamResponse:
+    """A chat or text completion in OpenAI's shape: streamed as server-sent events, or as one JSON body."""
+    completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, False), include_usage)
-
+        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, chat), include_usage)
     texts, finished = await _collect(generation)
-    return web.json_response(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": generation.expert_id,
-            "choices": [{"index": 0, "text": "".join(texts), "logprobs": None, "finish_reason": finished.finish_reason}],
-            "usage": _usage(finished),
-            "expertmesh": generation.provenance(),
-        },
-        headers=_headers(generation),
-    )
+    text = "".join(texts)
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finished.finish_reason,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finished.finish_reason}
+    response: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": generation.expert_id,
+    }
+    if chat:
+        response["system_fingerprint"] = None
+    response.update(choices=[choice], usage=_usage(finished), expertmesh=generation.provenance())
+    return web.json_response(response, headers=_headers(generation))
 
 
 async def _collect(generation: Generation) -> tuple[list[str], Finished]:
@@ -451,30 +440,29 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_remote_entry(app, target))
 
 
+def _peer_entry(network: Network, peer: PeerState, alive: set[str]) -> dict[str, Any]:
+    trust = network.trust_of(peer.node_id)
+    return {
+        "id": peer.node_id,
+        "url": peer.url,
+        "alive": peer.node_id in alive,
+        "rtt_ms": None if peer.rtt_ms is None else round(peer.rtt_ms, 2),
+        "last_seen_ms": peer.last_seen_ms,
+        "source": peer.source,
+        "experts": [e.expert_id for e in peer.card.experts] if peer.card else [],
+        "trust": round(trust.score, 3),
+        "distrusted": trust.distrusted,
+        "evidence": [{"kind": e.kind, "detail": e.detail, "at_ms": e.at_ms} for e in trust.evidence],
+    }
+
+
 async def list_peers(request: web.Request) -> web.Response:
     """`GET /v1/peers`: the peers this node knows, alive or not."""
     network = request.app[network_key]
     alive = {p.node_id for p in network.alive_peers()}
-    data = [
-        {
-            "id": peer.node_id,
-            "url": peer.url,
-            "alive": peer.node_id in alive,
-            "rtt_ms": None if peer.rtt_ms is None else round(peer.rtt_ms, 2),
-            "last_seen_ms": peer.last_seen_ms,
-            "source": peer.source,
-            "experts": [e.expert_id for e in peer.card.experts] if peer.card else [],
-            "trust": round(network.trust_of(peer.node_id).score, 3),
-            "distrusted": network.trust_of(peer.node_id).distrusted,
-            "evidence": [
-                {"kind": e.kind, "detail": e.detail, "at_ms": e.at_ms} for e in network.trust_of(peer.node_id).evidence
-            ],
-        }
-        for peer in network.table.peers.values()
-        if peer.node_id != request.app[node_info_key].node_id
-    ]
+    data = [_peer_entry(network, peer, alive) for peer in network.table.peers.values() if peer.node_id != network.node_id]
     data.sort(key=lambda p: (not p["alive"], p["id"]))
-    return web.json_response({"object": "list", "node_id": request.app[node_info_key].node_id, "data": data})
+    return web.json_response({"object": "list", "node_id": network.node_id, "data": data})
 
 
 async def feedback(request: web.Request) -> web.Response:

@@ -58,9 +58,7 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
 
 async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.settings_key]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.data_dir, 0o700)
-    identity = NodeIdentity.load_or_create(settings.data_dir)
+    identity = NodeIdentity.load_or_create(settings.data_dir)  # create_app made the data dir, mode 0700
     app[identity_key] = identity
     app[api.node_info_key] = api.NodeInfo(node_id=identity.node_id, started_s=time.time())
     log.info("node id %s (data in %s)", identity.node_id, settings.data_dir)

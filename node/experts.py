@@ -128,7 +128,8 @@ class LocalExpert:
 
     def retry_after_s(self) -> int:
         """A hint for a refused client: about how long the queue takes to drain."""
-        average_s = sum(self._recent_s) / len(self._recent_s) if self._recent_s else 1.0
+        average_s = self.average_request_s()
+        average_s = 1.0 if average_s is None else average_s
         return max(1, round(average_s * max(1, self._pending) / 2))
 
     def close(self) -> None:

@@ -462,8 +462,6 @@ class Judging:
                         completion_tokens = frame.completion_tokens
                     else:
                         raise PeerUnavailable(f"peer {target.peer.node_id} failed: {frame.error}")
-            except StopAsyncIteration as exc:
-                raise PeerUnavailable(f"peer {target.peer.node_id} ended the stream early") from exc
             except PeerError as exc:
                 raise PeerUnavailable(f"peer {target.peer.node_id} failed while being judged: {exc}") from exc
             elapsed_s = time.perf_counter() - started_s

@@ -101,6 +101,11 @@ class Network:
 
     # ---- our own card ---------------------------------------------------------------
 
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self._identity.node_id
+
     def card(self) -> NodeCard:
         """This node's current card (unsigned)."""
         experts = tuple(

@@ -239,7 +239,7 @@ class Router:
 
     def candidates(self, constraints: RouteConstraints) -> list[Candidate]:
         """Alive, approved experts (local and remote) that meet the request's constraints."""
-        node_id = self._network.card().node_id
+        node_id = self._network.node_id
         found: list[Candidate] = []
         for expert in self._pool:
             spec = expert.spec
@@ -279,23 +279,9 @@ class Router:
             raise NotFound("no approved expert is available for this request (check expertmesh constraints)", param="model")
         query = query_features(text)
         features = [c.features for c in candidates]
-        decision_id = DecisionId(uuid.uuid4().hex)
         token = new_feedback_token()
-        probabilities, version = await self._in_thread(self._probabilities, query, features)
-        chosen = sample_index(probabilities, rng_for_decision(decision_id))
-        decision = Decision(
-            decision_id=decision_id,
-            created_ms=self._clock_ms(),
-            query_sha256=query_sha256(text),
-            query=query,
-            candidates=tuple(features),
-            probabilities=tuple(probabilities),
-            chosen_index=chosen,
-            policy_version=version,
-            token_sha256=token_sha256(token),
-        )
-        top = await self._in_thread(self._top_features, query, features[chosen])
-        await self._in_thread(self.ledger.record_decision, decision)
+        decision, top = await self._in_thread(self._decide, text, query, features, token_sha256(token))
+        probabilities, chosen = decision.probabilities, decision.chosen_index
         rest = sorted((i for i in range(len(candidates)) if i != chosen), key=lambda i: -probabilities[i])
         explanation = {
             "task": query.task.value,
@@ -312,11 +298,26 @@ class Router:
         }
         return Routed(decision, tuple(candidates), (chosen, *rest), token, explanation)
 
-    def _probabilities(self, query: QueryFeatures, features: list[ExpertFeatures]) -> tuple[list[float], int]:
-        return self._policy.probabilities(query, features), self._policy.version
-
-    def _top_features(self, query: QueryFeatures, expert: ExpertFeatures) -> list[tuple[str, float]]:
-        return self._policy.top_features(query, expert, k=EXPLAIN_FEATURES)
+    def _decide(
+        self, text: str, query: QueryFeatures, features: list[ExpertFeatures], token_hash: str
+    ) -> tuple[Decision, list[tuple[str, float]]]:
+        """On the router thread: probabilities, a sample seeded by the decision id, the ledger record, the explanation."""
+        decision_id = DecisionId(uuid.uuid4().hex)
+        probabilities = self._policy.probabilities(query, features)
+        chosen = sample_index(probabilities, rng_for_decision(decision_id))
+        decision = Decision(
+            decision_id=decision_id,
+            created_ms=self._clock_ms(),
+            query_sha256=query_sha256(text),
+            query=query,
+            candidates=tuple(features),
+            probabilities=tuple(probabilities),
+            chosen_index=chosen,
+            policy_version=self._policy.version,
+            token_sha256=token_hash,
+        )
+        self.ledger.record_decision(decision)
+        return decision, self._policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES)
 
     async def record_fallback(self, decision_id: str, index: int, reason: str) -> None:
         """Note in the ledger that another candidate answered."""
