@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, peer_api, web_routes
+from node import api, catalog, peer_api, selfcheck, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.config import Settings
 from node.errors import NodeError
@@ -35,17 +35,22 @@ NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and t
 
 
 def _load_experts(settings: Settings) -> list[LocalExpert]:
-    """Resolve (pulling when needed) and load every configured model; blocking."""
+    """Resolve (pulling when needed), self-check the CPU, then load every configured model; blocking."""
     experts: list[LocalExpert] = []
     seen: set[str] = set()
-    for name_or_path in settings.models:
-        model = catalog.resolve(name_or_path, settings.models_dir, progress=True)
+    models = [catalog.resolve(name_or_path, settings.models_dir, progress=True) for name_or_path in settings.models]
+    verdict = selfcheck.decide(
+        settings.safe_cpu_kernels, settings.data_dir, [(m.sha256, m.path) for m in models], n_threads=settings.n_threads
+    )
+    selfcheck.log_verdict(verdict)
+    for model in models:
         expert = load_expert(
             model,
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
             n_gpu_layers=settings.n_gpu_layers,
             queue_size=settings.queue_size,
+            safe_cpu_kernels=verdict.safe_cpu_kernels,
         )
         if expert.spec.id in seen:
             log.warning("model %s is configured twice; serving it once", expert.spec.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--n-ctx", type=int, help="context length per expert (default 2048)")
     start.add_argument("--threads", type=int, dest="n_threads", help="CPU threads per expert (default: llama.cpp's)")
     start.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (default -1: all)")
+    start.add_argument(
+        "--safe-cpu-kernels", choices=("auto", "true", "false"),
+        help="llama.cpp without AMX/repacked kernels: auto (default: a self-check decides), true, false",
+    )
     start.add_argument("--queue-size", type=int, help="requests waiting per expert before 429 (default 8)")
     start.add_argument("--peer", action="append", dest="peers", help="bootstrap peer URL (repeatable)")
     start.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
@@ -99,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--rate", choices=("up", "down"), help="rate the answer without asking (for scripts)")
     ask.add_argument("--no-rate", action="store_true", help="do not ask for a rating")
 
+    doctor = commands.add_parser("doctor", help="check this machine: Python, llama.cpp backend, CPU, disk, port, mDNS")
+    doctor.add_argument("--config", type=Path, help="TOML settings file")
+    doctor.add_argument("--host", help="address the node would listen on (default 127.0.0.1)")
+    doctor.add_argument("--port", type=int, help=f"port the node would use (default {DEFAULT_PORT})")
+    doctor.add_argument("--data-dir", type=Path)
+    doctor.add_argument("--models-dir", type=Path)
+    doctor.add_argument("--safe-cpu-kernels", choices=("auto", "true", "false"))
+
     report = commands.add_parser("report", help="what the router learned, from the ledger")
     report.add_argument("--data-dir", type=Path, help="the node's data dir")
     return parser
@@ -121,6 +134,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "n_threads": args.n_threads,
         "n_gpu_layers": args.n_gpu_layers,
         "queue_size": args.queue_size,
+        "safe_cpu_kernels": args.safe_cpu_kernels,
         "log_level": args.log_level,
         "peers": tuple(args.peers) if args.peers else None,
         "mdns": args.mdns,
@@ -139,8 +153,22 @@ def _cmd_start(args: argparse.Namespace) -> int:
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)
+    # A native fault in llama.cpp (SIGILL, SIGSEGV) cannot be caught; at least the log says where it happened.
+    faulthandler.enable(all_threads=True)
     asyncio.run(serve(settings))
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from node.doctor import diagnose, render
+
+    overrides = {
+        "host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
+        "safe_cpu_kernels": args.safe_cpu_kernels,
+    }
+    checks = diagnose(load_settings(args.config, overrides))
+    sys.stdout.write(render(checks))
+    return 1 if any(check.status == "fail" for check in checks) else 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -185,18 +213,31 @@ async def _ask(args: argparse.Namespace) -> int:
                 provenance = data.get("expertmesh", {})
             else:
                 provenance = {}
-                async for raw in response.content:
-                    line = raw.decode("utf-8").strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len("data: "):])
-                    if "error" in chunk:
-                        sys.stderr.write(f"\nerror: {chunk['error'].get('message')}\n")
-                        return 1
-                    provenance = chunk.get("expertmesh", provenance)
-                    for choice in chunk.get("choices", []):
-                        sys.stdout.write(choice.get("delta", {}).get("content") or "")
-                        sys.stdout.flush()
+                finished = False
+                try:
+                    async for raw in response.content:
+                        line = raw.decode("utf-8").strip()
+                        if line == "data: [DONE]":
+                            finished = True
+                        if not line.startswith("data: ") or finished:
+                            continue
+                        chunk = json.loads(line[len("data: "):])
+                        if "error" in chunk:
+                            sys.stderr.write(f"\nerror: {chunk['error'].get('message')}\n")
+                            return 1
+                        provenance = chunk.get("expertmesh", provenance)
+                        for choice in chunk.get("choices", []):
+                            sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                            sys.stdout.flush()
+                except aiohttp.ClientError:
+                    finished = False
+                if not finished:
+                    # The node went away mid-answer: most likely llama.cpp crashed it (see `expertmesh doctor`).
+                    sys.stderr.write(
+                        f"\nerror: the node closed the connection while expert {provenance.get('expert', '?')} was "
+                        "answering; it may have crashed (check its log, run `expertmesh doctor`)\n"
+                    )
+                    return 1
                 sys.stdout.write("\n")
             sys.stderr.write(f"-- answered by {provenance.get('expert')} on node {provenance.get('node')}\n")
             if provenance.get("decision_id") and not args.no_rate:
@@ -313,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_peers(args))
         if args.command == "judge":
             return asyncio.run(_judge(args))
+        if args.command == "doctor":
+            return _cmd_doctor(args)
         if args.command == "report":
             from node.report import render
 

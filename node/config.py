@@ -35,6 +35,8 @@ class Settings:
     n_ctx: int = 2048
     n_threads: int | None = None  # None: llama.cpp's own choice
     n_gpu_layers: int = -1  # -1: every layer, when llama.cpp was built with GPU offload
+    # "auto": a child-process self-check decides (node/selfcheck.py); true/false force safe CPU kernels on or off.
+    safe_cpu_kernels: str | bool = "auto"
     queue_size: int = 8  # requests waiting per expert, beyond the one running
     max_body_bytes: int = 1 << 20
     max_tokens_default: int = 512
@@ -128,6 +130,14 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise InvalidRequest(f"setting {name!r} must be a list of strings", param=name)
         return tuple(value)
+    if name == "safe_cpu_kernels":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise InvalidRequest(f"setting 'safe_cpu_kernels' must be \"auto\", true or false, got {value!r}", param=name)
     if name == "min_scores":
         if not isinstance(value, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value.values()

@@ -15,6 +15,7 @@ import jinja2
 
 from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
+from node.native import load_llama
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +295,23 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def load_expert(model: ModelFile, *, n_ctx: int, n_threads: int | None, n_gpu_layers: int, queue_size: int) -> LocalExpert:
+def load_expert(
+    model: ModelFile,
+    *,
+    n_ctx: int,
+    n_threads: int | None,
+    n_gpu_layers: int,
+    queue_size: int,
+    safe_cpu_kernels: bool = False,
+) -> LocalExpert:
     """Load a pulled or local GGUF with llama.cpp (blocking: call it off the event loop)."""
-    from llama_cpp import Llama
-
     name, path, sha256 = model.name, model.path, model.sha256
     entry = CATALOG.get(name)
 
     started_s = time.perf_counter()
-    llama = Llama(
-        model_path=str(path),
+    llama = load_llama(
+        str(path),
+        safe_cpu_kernels=safe_cpu_kernels,
         n_ctx=n_ctx,
         n_threads=n_threads,
         # Prompt processing gets the same threads: llama.cpp's default (every core) spins against
@@ -325,11 +333,12 @@ def load_expert(model: ModelFile, *, n_ctx: int, n_threads: int | None, n_gpu_la
         params=entry.params if entry is not None else None,
     )
     log.info(
-        "expert %s loaded in %.1f s (%s prompts, n_ctx %d, gpu offload %s)",
+        "expert %s loaded in %.1f s (%s prompts, n_ctx %d, gpu offload %s%s)",
         spec.id,
         time.perf_counter() - started_s,
         spec.prompt_style,
         spec.n_ctx,
         "all layers" if gpu_offload_supported() and n_gpu_layers != 0 else "off",
+        ", safe CPU kernels" if safe_cpu_kernels else "",
     )
     return LocalExpert(spec, llama, queue_size)

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Install what the tests need (Python extras; Debian's chromium for the browser tests) and run every test.
+# Install what the tests need into .venv (a virtual environment in the clone, so a PEP 668 "externally
+# managed" system Python works too), plus Debian's chromium for the browser tests, and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+as_root_apt() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 if ! command -v chromium >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    else
-        echo "note: no chromium and no root apt-get: the browser tests will be skipped" >&2
-    fi
+    as_root_apt chromium || echo "note: no chromium and no root apt-get: the browser tests will be skipped" >&2
 fi
-python3 -m pip install -q -e '.[test]'
-exec python3 -m pytest "$@"
+if [ ! -x .venv/bin/python ]; then
+    # Debian and Ubuntu ship venv separately (python3-venv).
+    python3 -m venv .venv 2>/dev/null || { as_root_apt python3-venv && python3 -m venv .venv; }
+fi
+.venv/bin/python -m pip install -q -e '.[test]'
+exec .venv/bin/python -m pytest "$@"

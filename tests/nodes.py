@@ -16,6 +16,25 @@ GEMMA3_ID = "gemma3-270m@a5fd3b62230a"
 
 # The first start on a fresh machine pulls the models through pip.
 START_TIMEOUT_S = 300.0
+SAFE_KERNELS_ENV = "EXPERTMESH_SAFE_CPU_KERNELS"
+_verdict: bool | None = None
+
+
+def safe_cpu_kernels() -> bool:
+    """This machine's CPU self-check verdict, decided once per test run like a node decides it.
+
+    Cached where the models are (keyed like a node's, by llama-cpp-python version and CPU flags), so
+    every test node and in-process model load uses kernels this CPU can run, without a probe each.
+    """
+    global _verdict
+    if _verdict is None:
+        from node import catalog, selfcheck
+
+        model = catalog.resolve("smollm2-135m", catalog.default_models_dir(), progress=False)
+        verdict = selfcheck.decide("auto", catalog.default_models_dir().parent / "test-selfcheck", [(model.sha256, model.path)])
+        selfcheck.log_verdict(verdict)
+        _verdict = verdict.safe_cpu_kernels
+    return _verdict
 
 
 @dataclass
@@ -62,7 +81,10 @@ def start_node(
         *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]), *([] if judge else ["--no-judge"]), *args,
     ]
     log_file = open(log_path, "ab")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    environment = {**os.environ, **(env or {})}
+    if SAFE_KERNELS_ENV not in environment:
+        environment[SAFE_KERNELS_ENV] = "true" if safe_cpu_kernels() else "false"
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
     log_file.close()
     deadline_s = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline_s:

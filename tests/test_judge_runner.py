@@ -27,6 +27,7 @@ from node.judge.runner import (
     summarize_run,
 )
 from node.judge.suites import ProbeItem, SuiteError, load_suites
+from tests.nodes import safe_cpu_kernels
 from peers.identity import NodeIdentity
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -71,7 +72,7 @@ class Judged:
 
 def _load(name: str) -> LocalExpert:
     model = catalog.resolve(name, catalog.default_models_dir(), progress=False)
-    return load_expert(model, n_ctx=N_CTX, n_threads=None, n_gpu_layers=0, queue_size=2)
+    return load_expert(model, n_ctx=N_CTX, n_threads=None, n_gpu_layers=0, queue_size=2, safe_cpu_kernels=safe_cpu_kernels())
 
 
 def _means(signed: SignedCapabilityCard) -> dict[str, float]:

@@ -432,13 +432,13 @@
           if (choice && choice.finish_reason) finishReason = choice.finish_reason;
         }
       }
-      if (!done && !failed) fail("The answer was cut off: the connection closed before the end.");
+      if (!done && !failed) fail(cutOff(view.routing));
     } catch (exc) {
       if (exc.name === "AbortError") {
         view.root.dataset.state = "stopped";
         view.text.append(el("span", { class: "muted", text: answer ? " (stopped)" : "(stopped)" }));
       } else {
-        fail(exc.message);
+        fail(view.routing ? cutOff(view.routing) : exc.message);
       }
     } finally {
       setStreaming(null);
@@ -459,7 +459,13 @@
     return page.scrollHeight - (window.scrollY + window.innerHeight) < 80;
   }
 
-  function stripUndefined(obj) {
+  // A stream that ends without [DONE]: the node (or llama.cpp inside it) may have crashed; name the expert.
+function cutOff(routing) {
+  const expert = routing && routing.expert ? `expert ${routing.expert}` : "the expert";
+  return `The answer from ${expert} was cut off: the connection closed before the end (the node may have crashed; see its log or run expertmesh doctor).`;
+}
+
+function stripUndefined(obj) {
     return Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined && v !== null));
   }
 
