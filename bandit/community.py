@@ -16,9 +16,11 @@ PRIOR_AGREEMENT = 0.2
 PRIOR_EVIDENCE = 5.0
 # Mean squared gap between a reporter's means and ours that halves its agreement: tastes differ a little.
 AGREEMENT_TOLERANCE = 0.01
-# Own ratings on a reporter's cells needed before it counts as proven (unproven ones share one weight).
+# A reporter is proven once this many own ratings checked its cells and it agreed at least this well;
+# the others (fresh keys, liars) together weigh at most UNPROVEN_TOTAL_WEIGHT.
 PROVEN_EVIDENCE = 10.0
-UNPROVEN_TOTAL_WEIGHT = 1.0
+PROVEN_AGREEMENT = 0.5
+UNPROVEN_TOTAL_WEIGHT = 0.5
 # Made-up counts are bounded: a reporter's cell weighs as at most this many ratings.
 MAX_COUNT_PER_REPORTER = 10
 # Sybil bound: the whole community weighs as at most this many ratings per cell, however many keys report.
@@ -105,8 +107,8 @@ class Agreement:
 
     @property
     def proven(self) -> bool:
-        """Whether enough own ratings checked it for it to weigh on its own."""
-        return self.evidence >= PROVEN_EVIDENCE
+        """Whether enough own ratings checked it, and it agreed, for it to weigh on its own."""
+        return self.evidence >= PROVEN_EVIDENCE and self.score >= PROVEN_AGREEMENT
 
 
 def agreement(report: Report, own: Mapping[CellKey, OwnCell]) -> Agreement:
@@ -162,7 +164,8 @@ def reporter_weights(
     unproven = [name for name, a in agreements.items() if not a.proven]
     unproven_total = math.fsum(weights[name] for name in unproven)
     if unproven_total > UNPROVEN_TOTAL_WEIGHT:
-        # Fresh keys cost nothing: however many there are, together they count as one trusted reporter.
+        # Fresh keys cost nothing: however many there are, fresh or caught disagreeing, together they
+        # count as one trusted reporter. A key earns weight of its own only by agreeing with own ratings.
         scale = UNPROVEN_TOTAL_WEIGHT / unproven_total
         for name in unproven:
             weights[name] *= scale
