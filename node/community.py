@@ -93,11 +93,11 @@ class Community:
 
     # ---- publishing -------------------------------------------------------------------
 
-    def summary(self) -> LearningSummary:
-        """What this node would publish now: per expert and task kind, count and mean reward."""
+    def summary(self, max_cells: int = MAX_CELLS) -> LearningSummary:
+        """What this node would publish now: per expert and task kind, count and mean reward (best-attested cells first)."""
         with self._lock:
             own, seq = dict(self._own), self._own_seq
-        report = to_report(self._identity.node_id, seq, self._clock_ms(), own, MAX_CELLS)
+        report = to_report(self._identity.node_id, seq, self._clock_ms(), own, max_cells)
         return LearningSummary(
             node_id=self._identity.node_id,
             public_key=self._identity.public_key_raw,
@@ -116,8 +116,15 @@ class Community:
         cached = self._published
         if cached is not None and cached[0] == self._own_seq:
             return cached[1]
-        summary = self.summary()
-        data = sign_summary(summary, self._identity)
+        max_cells = MAX_CELLS
+        while True:
+            summary = self.summary(max_cells)
+            try:
+                data = sign_summary(summary, self._identity)
+                break
+            except ValueError:
+                # Over the byte cap (long expert ids): keep the best-attested cells that fit.
+                max_cells //= 2
         self._published = (summary.seq, data)
         return data
 

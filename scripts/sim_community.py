@@ -15,13 +15,25 @@ import logging
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bandit.community import CellKey, OwnCell, Report, ReportedCell, add_rating, apply_prior, combine, to_report
-from bandit.features import ExpertFeatures
-from bandit.policy import Policy, sample_index
-from bandit.simulate import World, default_world, sample_events
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bandit.community import (  # noqa: E402
+    CellKey,
+    OwnCell,
+    Report,
+    ReportedCell,
+    add_rating,
+    apply_prior,
+    combine,
+    to_report,
+)
+from bandit.features import ExpertFeatures  # noqa: E402
+from bandit.policy import Policy, sample_index  # noqa: E402
+from bandit.simulate import World, default_world, sample_events  # noqa: E402
 
 log = logging.getLogger("sim_community")
 

@@ -32,7 +32,7 @@ from peers.learning import (
     sign_summary,
     verify_summary,
 )
-from peers.wire import Hello, WireError, decode, encode
+from peers.wire import Hello, NodeCard, WireError, decode, encode, sign_card
 
 NOW_MS = 1_800_000_000_000
 SECRET_WORDS = ("zanzibar", "quokka", "marmalade")
@@ -94,9 +94,26 @@ def test_caps_size_cells_values_dates_and_duplicates_are_checked() -> None:
     future = dataclasses.replace(_summary(identity), issued_ms=NOW_MS + 3600_000)
     with pytest.raises(WireError, match="future"):
         verify_summary(sign_summary(future, identity), now_ms=NOW_MS)
-    # A hello carrying more than a summary's worth of bytes is refused by the hello's own cap.
-    hello_bytes = encode(SignedSummary(summary=_summary(identity), signature=b"\0" * 64))
-    assert len(hello_bytes) < MAX_SUMMARY_BYTES
+    # A hello carrying more than a summary's worth of bytes is refused by the hello's own field cap.
+    identity_card = NodeCard(node_id=identity.node_id, public_key=identity.public_key_raw, addresses=(), experts=(), issued_ms=NOW_MS)
+    oversized = encode(Hello(card=sign_card(identity_card, identity), sent_ms=NOW_MS, learning=b"x" * (MAX_SUMMARY_BYTES + 1)))
+    with pytest.raises(WireError, match="learning"):
+        decode(oversized, Hello, max_bytes=1 << 20)
+    # Too many cells with the longest ids do not fit: signing refuses, and a node publishes its best-attested ones.
+    longest = tuple(LearningCell(f"{i:03d}" + "e" * 125, "classification", 1 + i, 0.123456789) for i in range(MAX_CELLS))
+    with pytest.raises(ValueError, match="cap"):
+        sign_summary(_summary(identity, cells=longest), identity)
+    community = _community(identity)
+    own = {}
+    for cell in longest:
+        for _ in range(cell.n):
+            own = add_rating(own, cell.expert_id, cell.task, 1.0)
+    community._own, community._own_seq = own, 1
+    data = community.published()
+    assert len(data) <= MAX_SUMMARY_BYTES
+    kept = verify_summary(data, now_ms=NOW_MS).cells
+    kept_ids = {c.expert_id for c in kept}
+    assert 0 < len(kept) < MAX_CELLS and min(c.n for c in kept) > max(c.n for c in longest if c.expert_id not in kept_ids)
 
 
 def test_the_node_keeps_only_verified_first_hand_newer_summaries_and_blames_bad_ones() -> None:
@@ -163,8 +180,10 @@ def test_nothing_but_the_documented_summary_leaves_the_node(tmp_path: Path) -> N
     community = _community(identity)
     assert community.catch_up(ledger.iter_rewarded()) == 30
     published = community.published()
-    hello = Hello(card=None, sent_ms=NOW_MS, learning=published)  # type: ignore[arg-type]
-    assert hello.learning == published
+    card = NodeCard(node_id=identity.node_id, public_key=identity.public_key_raw, addresses=(), experts=(), issued_ms=NOW_MS)
+    hello_bytes = encode(Hello(card=sign_card(card, identity), sent_ms=NOW_MS, learning=published))
+    hello = msgpack.unpackb(hello_bytes, raw=False)
+    assert set(hello) == {"v", "type", "card", "sent_ms", "learning"} and hello["learning"] == published
     # The bytes, unpacked as raw msgpack: exactly the documented keys, nothing else.
     raw = msgpack.unpackb(published, raw=False)
     assert set(raw) == {"v", "type", "summary", "signature"}
@@ -180,7 +199,7 @@ def test_nothing_but_the_documented_summary_leaves_the_node(tmp_path: Path) -> N
         ("smollm2-135m@b179c9523d0e", "translation"): (15, round(10 / 15, 4)),
     }
     for secret in (*SECRET_WORDS, "french", "plus", *ids, *tokens, *(query_sha256(w) for w in SECRET_WORDS)):
-        assert secret.encode() not in published.lower()
+        assert secret.encode() not in hello_bytes.lower()
     assert b"nodebbbbbbbbbbbbbbbb" not in published  # not even which peer hosted the expert
     # Sharing off: nothing at all.
     off = _community(identity, share=False)
