@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ _SPEC = importlib.util.spec_from_file_location(
     "demo_community", Path(__file__).resolve().parents[1] / "scripts" / "demo_community.py"
 )
 demo = importlib.util.module_from_spec(_SPEC)
+sys.modules["demo_community"] = demo  # dataclasses look their module up while the script loads
 _SPEC.loader.exec_module(demo)
 
 pytestmark = pytest.mark.model
