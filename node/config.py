@@ -92,15 +92,8 @@ _FLOAT_FIELDS = {
     "spot_check_interval_s",
     "decompose_proposer_min_score",
 }
-_BOOL_FIELDS = {
-    "mdns",
-    "local_only",
-    "judge_on_start",
-    "require_api_key",
-    "decompose_default",
-    "share_learning",
-    "use_community_learning",
-}
+_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
+_BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
