@@ -17,6 +17,7 @@ from aiohttp import web
 
 from node import api, catalog, peer_api, selfcheck, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
+from node.community import Community
 from node.config import Settings
 from node.errors import NodeError
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
@@ -125,6 +126,25 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         await judging.close()
 
 
+def _community(settings: Settings, identity: NodeIdentity, network: Network) -> Community:
+    """Community learning, hooked into hellos; a peer's weight follows its trust (none once distrusted)."""
+
+    def trust_of(node_id: str) -> float:
+        trust = network.trust_of(node_id)
+        return 0.0 if trust.distrusted else trust.score
+
+    community = Community(
+        identity,
+        share=settings.share_learning,
+        use=settings.use_community_learning,
+        trust_of=trust_of,
+        on_bad_summary=lambda node_id, detail: network.note_misbehaviour(node_id, "bad_summary", detail),
+    )
+    network.learning = community.published
+    network.on_peer_learning = community.accept
+    return community
+
+
 async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.settings_key]
     node_constraints = RouteConstraints(
@@ -140,6 +160,7 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         node_constraints=node_constraints,
         exploration=settings.exploration,
         judged_scores=app[api.judging_key].judged_scores,
+        community=_community(settings, app[identity_key], app[api.network_key]),
     )
     await router.start()
     app[api.router_key] = router

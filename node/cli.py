@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "--require-api-key", action=argparse.BooleanOptionalAction, default=None,
         help="require the API key (default: only when listening beyond loopback)",
     )
+    start.add_argument(
+        "--no-share-learning", action="store_false", dest="share_learning", default=None,
+        help="do not publish the summary of what this node's users taught",
+    )
+    start.add_argument(
+        "--no-community-learning", action="store_false", dest="use_community_learning", default=None,
+        help="do not weigh other nodes' summaries into routing",
+    )
     start.add_argument("--no-judge", action="store_false", dest="judge_on_start", default=None, help="do not judge at start")
     start.add_argument("--judge-expert", help="local expert (id or name) that grades open-ended probes")
     start.add_argument("--judge-items", type=int, dest="judge_items_per_dimension", help="probes per dimension (default all)")
@@ -150,6 +158,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "require_api_key": args.require_api_key,
         "judge_items_per_dimension": args.judge_items_per_dimension,
         "judge_expert": args.judge_expert,
+        "share_learning": args.share_learning,
+        "use_community_learning": args.use_community_learning,
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)

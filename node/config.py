@@ -68,6 +68,8 @@ class Settings:
     peer_rate_limit_burst: float = 200.0
     spot_check_interval_s: float = 300.0  # how often a random remote expert gets a probe (0: never)
     peer_idle_timeout_s: float = 60.0  # a peer silent this long mid-answer is given up on
+    share_learning: bool = True  # publish the signed summary of what this node's users taught (README: Community learning)
+    use_community_learning: bool = True  # weigh peers' summaries into routing
 
 
 _INT_FIELDS = {
@@ -93,6 +95,7 @@ _FLOAT_FIELDS = {
     "decompose_proposer_min_score",
 }
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
+_BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
 _LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 

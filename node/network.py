@@ -86,6 +86,9 @@ class Network:
         self.card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: ()
         self.on_peer_card: Callable[[NodeCard], Awaitable[None]] | None = None
         self.claimed_tokens_per_s: Callable[[str], float | None] = lambda _expert_id: None
+        # Set by community learning: our signed learning summary for hellos, and what to do with a peer's.
+        self.learning: Callable[[], bytes] = lambda: b""
+        self.on_peer_learning: Callable[[str, bytes], object] = lambda _node_id, _data: None
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
@@ -215,6 +218,7 @@ class Network:
         now = self._clock_ms()
         if card.node_id != self._identity.node_id:
             self._peer_card(card)
+            self.on_peer_learning(card.node_id, hello.learning)
             known = self.table.peers.get(card.node_id)
             for url in card.addresses:
                 if known is None or known.url != url:
@@ -222,7 +226,7 @@ class Network:
             if known is None:
                 for url in card.addresses[:1]:
                     self._hello_soon(url)
-        return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms)
+        return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms, learning=self.learning())
 
     def exchange_reply(self, max_peers: int) -> PeersReply:
         """The peers we know to be alive, for peer exchange."""
@@ -321,7 +325,8 @@ class Network:
             source = self._source_of(url)
             started_s = time.perf_counter()
             try:
-                reply = await self._client.hello(url, Hello(card=self.signed_card(), sent_ms=self._clock_ms()))
+                hello = Hello(card=self.signed_card(), sent_ms=self._clock_ms(), learning=self.learning())
+                reply = await self._client.hello(url, hello)
                 card = verify_card(reply.card)
             except (PeerError, WireError) as exc:
                 log.debug("hello to %s failed: %s", url, exc)
@@ -334,6 +339,7 @@ class Network:
             if card.node_id == self._identity.node_id:
                 return
             self._peer_card(card)
+            self.on_peer_learning(card.node_id, reply.learning)
             if not was_alive:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
                 # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.

@@ -111,7 +111,12 @@ def _response_schemas() -> dict[str, Any]:
                         "type": "array",
                         "items": {"type": "array", "prefixItems": [_STRING, _NUMBER], "minItems": 2, "maxItems": 2},
                     },
-                }
+                    "community": _object(
+                        {"reporters": _COUNT, "expected_reward": {"type": "object", "additionalProperties": _NUMBER}},
+                        description="Present when other nodes' users' ratings weighed in the choice: from how many nodes.",
+                    ),
+                },
+                optional=("community",),
             ),
             "fallback": _object({"from": _STRING, "reason": _STRING}),
         },
@@ -362,7 +367,9 @@ def _response_schemas() -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": {"type": "object", "additionalProperties": _COUNT},
                 },
-            }
+                "community": {"type": "object", "description": "Community learning: what is shared, each reporter's weight."},
+            },
+            optional=("community",),
         ),
         "Health": _object(
             {

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from bandit.community import CommunityUse
 from bandit.features import ExpertFeatures, ExpertId, NodeId, QueryFeatures, query_features
 from bandit.ledger import (
     AlreadyRated,
@@ -26,6 +27,7 @@ from bandit.ledger import (
     token_sha256,
 )
 from bandit.policy import Policy, PolicyLoadError, rng_for_decision, sample_index
+from node.community import Community
 from node.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from node.experts import ExpertPool, LocalExpert
 from node.network import Network, RemoteExpert
@@ -154,8 +156,10 @@ class Router:
         exploration: str = "squarecb",
         judged_scores: Callable[[str], Mapping[str, float]] = lambda _sha256: {},
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        community: Community | None = None,
     ) -> None:
         self._pool = pool
+        self.community = community
         self._network = network
         self._node_constraints = node_constraints
         self._exploration = exploration
@@ -190,6 +194,9 @@ class Router:
                 log.warning("router: policy file unusable (%s); rebuilding it from the ledger", exc)
             self._policy = Policy(self._exploration)
             self._learned_seq = 0
+        if self.community is not None:
+            counted = self.community.catch_up(self.ledger.iter_rewarded())
+            log.info("router: %d ratings summarized for community learning", counted)
         replayed = self._replay()
         if replayed:
             log.info("router: learned %d ratings from the ledger", replayed)
@@ -205,6 +212,8 @@ class Router:
                     decision.query, decision.candidates, decision.chosen_index, decision.chosen_probability, item.reward
                 )
                 learned += 1
+            if self.community is not None:
+                self.community.record(item)
             self._learned_seq = item.seq
         return learned
 
@@ -280,7 +289,7 @@ class Router:
         query = query_features(text)
         features = [c.features for c in candidates]
         token = new_feedback_token()
-        decision, top = await self._in_thread(self._decide, text, query, features, token_sha256(token))
+        decision, top, community = await self._in_thread(self._decide, text, query, features, token_sha256(token))
         probabilities, chosen = decision.probabilities, decision.chosen_index
         rest = sorted((i for i in range(len(candidates)) if i != chosen), key=lambda i: -probabilities[i])
         explanation = {
@@ -296,13 +305,20 @@ class Router:
             ],
             "top_features": [[name, round(weight, 4)] for name, weight in top],
         }
+        if community is not None:
+            # Other nodes' users' ratings weighed in this choice: say so, and how many nodes they came from.
+            explanation["community"] = {"reporters": community.reporters, "expected_reward": dict(community.experts)}
         return Routed(decision, tuple(candidates), (chosen, *rest), token, explanation)
 
     def _decide(
         self, text: str, query: QueryFeatures, features: list[ExpertFeatures], token_hash: str
-    ) -> tuple[Decision, list[tuple[str, float]]]:
+    ) -> tuple[Decision, list[tuple[str, float]], CommunityUse | None]:
         """On the router thread: probabilities, a sample seeded by the decision id, the ledger record, the explanation."""
         decision_id = DecisionId(uuid.uuid4().hex)
+        community = None
+        if self.community is not None:
+            # The ledger logs the candidates as the policy saw them, community prior included, so replay is exact.
+            features, community = self.community.apply(features, query.task)
         probabilities = self._policy.probabilities(query, features)
         chosen = sample_index(probabilities, rng_for_decision(decision_id))
         decision = Decision(
@@ -317,7 +333,7 @@ class Router:
             token_sha256=token_hash,
         )
         self.ledger.record_decision(decision)
-        return decision, self._policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES)
+        return decision, self._policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES), community
 
     async def record_fallback(self, decision_id: str, index: int, reason: str) -> None:
         """Note in the ledger that another candidate answered."""
@@ -408,6 +424,7 @@ class Router:
             "reward_over_time": reward_over_time,
             "share_by_expert": share_by_expert,
             "share_by_task": share_by_task,
+            **({"community": await self._in_thread(self.community.status)} if self.community is not None else {}),
         }
 
     @property

@@ -30,6 +30,8 @@ CONTENT_TYPE = "application/msgpack"
 BODY_HMAC_HEADER = "X-Expertmesh-Body-HMAC"
 MAX_HOPS = 1
 CARD_DIGEST_CHARS = 16
+# An encoded, signed learning summary (peers/learning.py) riding in a hello is at most this big.
+MAX_LEARNING_BYTES = 16 << 10
 
 _ERROR_ECHO_CHARS = 40
 
@@ -161,6 +163,7 @@ class Hello(WireMessage):
     TYPE: ClassVar[str] = "hello"
     card: SignedCard
     sent_ms: int = _wire(**_COUNT)
+    learning: bytes = _wire(b"", max_len=MAX_LEARNING_BYTES)  # signed summary, opaque here; empty: none shared
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ class HelloReply(WireMessage):
     TYPE: ClassVar[str] = "hello_reply"
     card: SignedCard
     echo_sent_ms: int = _wire(**_COUNT)
+    learning: bytes = _wire(b"", max_len=MAX_LEARNING_BYTES)  # signed summary, opaque here; empty: none shared
 
 
 @dataclass(frozen=True)
