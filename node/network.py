@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, Sequence
 
 from node.access import is_loopback_host
 from node.config import Settings
+from node.errors import Forbidden
 from node.experts import ExpertPool
 from node.peer_store import PeerStore, RememberedPeer
 from peers import table as peer_table
@@ -86,6 +87,8 @@ class Network:
         self.card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: ()
         self.on_peer_card: Callable[[NodeCard], Awaitable[None]] | None = None
         self.claimed_tokens_per_s: Callable[[str], float | None] = lambda _expert_id: None
+        # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
+        self.is_refused: Callable[[str], bool] = lambda _node_id: False
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
@@ -213,6 +216,8 @@ class Network:
         """A peer said hello: check its card, learn its addresses (verified by our own hello), answer with ours."""
         card = verify_card(hello.card)
         now = self._clock_ms()
+        if self.is_refused(card.node_id):
+            raise Forbidden(f"node {card.node_id} was revoked here")
         if card.node_id != self._identity.node_id:
             self._peer_card(card)
             known = self.table.peers.get(card.node_id)
@@ -232,8 +237,13 @@ class Network:
     # ---- queries ----------------------------------------------------------------------
 
     def alive_peers(self) -> list[PeerState]:
-        """Verified peers heard from recently."""
-        return peer_table.alive_peers(self.table, self._clock_ms(), self.policy)
+        """Verified peers heard from recently (revoked ones left out)."""
+        return [p for p in peer_table.alive_peers(self.table, self._clock_ms(), self.policy) if not self.is_refused(p.node_id)]
+
+    def learn_address(self, url: str) -> None:
+        """Add an address to verify, as if configured (an invite's, joined at run time)."""
+        self._apply(peer_table.AddressLearned(url, "bootstrap", self._clock_ms()))
+        self._hello_soon(url)
 
     def note_misbehaviour(self, node_id: str, kind: str, detail: str) -> None:
         """Lower a peer's trust for what it did; a distrusted peer's experts are no longer offered."""
@@ -326,6 +336,7 @@ class Network:
             except (PeerError, WireError) as exc:
                 log.debug("hello to %s failed: %s", url, exc)
                 self._apply(peer_table.HelloFailed(url, self._clock_ms()))
+                self._try_other_addresses(url)
                 return
             rtt_ms = (time.perf_counter() - started_s) * 1000
             now = self._clock_ms()
@@ -343,6 +354,14 @@ class Network:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
         finally:
             self._in_flight.discard(url)
+
+    def _try_other_addresses(self, url: str) -> None:
+        """A peer stopped answering at `url`: hello the other addresses its card lists (another relay, say)."""
+        peer = next((p for p in self.table.peers.values() if p.url == url), None)
+        if peer is not None and peer.card is not None:
+            for other in peer.card.addresses:
+                if other != url:
+                    self._hello_soon(other)
 
     async def _exchange(self, url: str) -> None:
         try:

@@ -297,6 +297,13 @@ def _response_schemas() -> dict[str, Any]:
                             "url": _STRING,
                             "alive": _BOOLEAN,
                             "rtt_ms": _nullable(_NUMBER),
+                            "reach": _object(
+                                {
+                                    "kind": {"type": "string", "enum": ["direct", "relayed"]},
+                                    "via": _nullable(_STRING),
+                                    "via_url": _nullable(_STRING),
+                                }
+                            ),
                             "last_seen_ms": _INTEGER,
                             "source": {"type": "string", "enum": ["mdns", "bootstrap", "exchange"]},
                             "experts": {"type": "array", "items": _STRING},
