@@ -274,19 +274,22 @@ class RelayServer:
             await tunnel.send(TunnelRequest(stream_id=stream_id, route=route, body=body, headers=tuple(headers[:32]), nonce=nonce))
             response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)
-            while not ended:
-                try:
-                    item = await asyncio.wait_for(queue.get(), STREAM_IDLE_S)
-                except asyncio.TimeoutError:
-                    break
-                if item is None:
-                    break
-                await self._budget.spend(len(item.data))
-                self.relayed_bytes += len(item.data)
-                if item.data:
-                    await response.write(item.data)
-                ended = item.end
-            await response.write_eof()
+            try:
+                while not ended:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), STREAM_IDLE_S)
+                    except asyncio.TimeoutError:
+                        break
+                    if item is None:
+                        break
+                    await self._budget.spend(len(item.data))
+                    self.relayed_bytes += len(item.data)
+                    if item.data:
+                        await response.write(item.data)
+                    ended = item.end
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the requester hung up (or had read the signed end already)
             return response
         finally:
             self.active_streams -= 1
