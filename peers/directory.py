@@ -7,7 +7,9 @@ signed cards passed on by push-pull rumour mongering (Demers et al., 1987). A ca
 after it arrives with news; each gossip exchange carries at most `max_cards_per_message` hot
 cards, and a node stops pushing a card once `stop_after` partners already knew it. Per-node
 messages are fixed by the policy, independent of N; a new card reaches everyone in O(log N)
-rounds. Cards are opaque here: `verify` (passed in) checks a card's signature before it counts.
+rounds. Every `anti_entropy_every` rounds a node also compares a digest of its directory with
+one neighbour and pulls what it missed, so news the rumours missed still arrives.
+Cards are opaque here: `verify` (passed in) checks a card's signature before it counts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class DirectoryPolicy:
     max_cards_per_message: int = 16
     stop_after: int = 4  # partners that already knew a hot card before we stop pushing it
     max_pushes: int = 24  # a card is pushed at most this often, so news never piles up
+    # Rumours can die out before reaching a few nodes; a periodic digest comparison with one
+    # neighbour (anti-entropy) repairs that, sending versions and cards only when digests differ.
+    anti_entropy_every: int = 15  # gossip rounds
     max_entries: int = 100_000
 
 
@@ -52,6 +57,26 @@ class Directory:
     self_id: str
     entries: Mapping[str, Entry] = field(default_factory=dict)
     hot: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    summary: int = 0  # XOR of every entry's hash, kept up to date: the digest anti-entropy compares
+
+
+def _entry_hash(node_id: str, version: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{node_id}:{version}".encode()).digest()[:16], "big")
+
+
+def make_directory(self_id: str, entries: Mapping[str, Entry]) -> Directory:
+    """A directory holding `entries` (none of them news)."""
+    summary = 0
+    for entry in entries.values():
+        summary ^= _entry_hash(entry.node_id, entry.version)
+    return Directory(self_id, dict(entries), {}, summary)
+
+
+def _swap(summary: int, old: Entry | None, new: Entry) -> int:
+    """The summary after `new` replaces `old`."""
+    if old is not None:
+        summary ^= _entry_hash(old.node_id, old.version)
+    return summary ^ _entry_hash(new.node_id, new.version)
 
 
 @dataclass(frozen=True)
@@ -87,15 +112,20 @@ def learn(
         return directory, False
     if not verify(news):  # checked only when it would change something: a replayed card costs nothing
         return directory, False
-    entries = {**directory.entries, news.node_id: Entry(news.node_id, news.version, news.card)}
-    return dataclasses.replace(directory, entries=entries, hot={**directory.hot, news.node_id: (0, 0)}), True
+    entry = Entry(news.node_id, news.version, news.card)
+    entries = {**directory.entries, news.node_id: entry}
+    summary = _swap(directory.summary, current, entry)
+    return dataclasses.replace(directory, entries=entries, hot={**directory.hot, news.node_id: (0, 0)}, summary=summary), True
 
 
 def issue(directory: Directory, version: int, card: Any) -> Directory:
     """This node re-issued its own card: news to push from now on."""
     entry = Entry(directory.self_id, version, card)
     return dataclasses.replace(
-        directory, entries={**directory.entries, directory.self_id: entry}, hot={**directory.hot, directory.self_id: (0, 0)}
+        directory,
+        entries={**directory.entries, directory.self_id: entry},
+        hot={**directory.hot, directory.self_id: (0, 0)},
+        summary=_swap(directory.summary, directory.entries.get(directory.self_id), entry),
     )
 
 
@@ -111,7 +141,8 @@ def receive(
     """Merge a partner's cards; (directory, ids of the cards we already had: the partner's feedback)."""
     known: list[str] = []
     entries: dict[str, Entry] | None = None
-    hot: dict[str, int] | None = None
+    hot: dict[str, tuple[int, int]] | None = None
+    summary = directory.summary
     for news in cards[: policy.max_cards_per_message]:
         current = (entries or directory.entries).get(news.node_id)
         if current is not None and current.version >= news.version:
@@ -124,11 +155,13 @@ def receive(
         # One copy per message, however many cards in it are news.
         entries = entries if entries is not None else dict(directory.entries)
         hot = hot if hot is not None else dict(directory.hot)
-        entries[news.node_id] = Entry(news.node_id, news.version, news.card)
+        entry = Entry(news.node_id, news.version, news.card)
+        summary = _swap(summary, current, entry)
+        entries[news.node_id] = entry
         hot[news.node_id] = (0, 0)
     if entries is None:
         return directory, known
-    return dataclasses.replace(directory, entries=entries, hot=hot), known
+    return dataclasses.replace(directory, entries=entries, hot=hot, summary=summary), known
 
 
 def feedback(directory: Directory, sent: list[CardNews], already_known: list[str], policy: DirectoryPolicy) -> Directory:
@@ -154,3 +187,20 @@ def pick_partner(directory: Directory, policy: DirectoryPolicy, rng: random.Rand
     """The neighbour to gossip with this round."""
     chosen = neighbours(directory, policy)
     return rng.choice(chosen) if chosen else None
+
+
+def directory_digest(directory: Directory) -> bytes:
+    """A digest of which card version this node holds for every node: equal digests, nothing to repair."""
+    return directory.summary.to_bytes(16, "big")
+
+
+def versions(directory: Directory) -> dict[str, int]:
+    """The version this node holds of every card (sent when digests differ)."""
+    return {n: e.version for n, e in directory.entries.items()}
+
+
+def newer_than(directory: Directory, theirs: Mapping[str, int], policy: DirectoryPolicy) -> list[CardNews]:
+    """Cards we hold that are newer than a partner's (or that it lacks), newest first, at most one message's worth."""
+    newer = [e for n, e in directory.entries.items() if theirs.get(n, -1) < e.version]
+    newer.sort(key=lambda e: (-e.version, e.node_id))
+    return [CardNews(e.node_id, e.version, e.card) for e in newer[: policy.max_cards_per_message]]

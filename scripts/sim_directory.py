@@ -19,7 +19,21 @@ import struct
 import time
 from dataclasses import dataclass
 
-from peers.directory import CardNews, Directory, DirectoryPolicy, Entry, feedback, issue, neighbours, outgoing, receive
+from peers.directory import (
+    CardNews,
+    Directory,
+    DirectoryPolicy,
+    Entry,
+    directory_digest,
+    feedback,
+    issue,
+    make_directory,
+    neighbours,
+    newer_than,
+    outgoing,
+    receive,
+    versions,
+)
 from peers.identity import NodeIdentity, node_id_from_public_key, verify_signature
 
 log = logging.getLogger("sim_directory")
@@ -38,8 +52,10 @@ class SimNode:
     identity: NodeIdentity
     directory: Directory
     neighbours: list[str]
+    offset: int = 0  # when in the anti-entropy cycle this node compares digests
     sent: int = 0
     cards_in: int = 0
+    repairs: int = 0
 
 
 def _card(identity: NodeIdentity, version: int) -> bytes:
@@ -62,6 +78,24 @@ def _verify_bytes(node_id: str, version: int, card: bytes) -> bool:
     )
 
 
+def _anti_entropy(node: SimNode, partner: SimNode, policy: DirectoryPolicy) -> None:
+    """Compare digests; when they differ, swap versions and pull what each side missed."""
+    node.sent += 1
+    partner.sent += 1
+    if directory_digest(node.directory) == directory_digest(partner.directory):
+        return
+    node.sent += 1
+    partner.sent += 1
+    for_partner = newer_than(node.directory, versions(partner.directory), policy)
+    for_node = newer_than(partner.directory, versions(node.directory), policy)
+    partner.directory, _ = receive(partner.directory, for_partner, policy, _verify)
+    node.directory, _ = receive(node.directory, for_node, policy, _verify)
+    partner.cards_in += len(for_partner)
+    node.cards_in += len(for_node)
+    node.repairs += len(for_node)
+    partner.repairs += len(for_partner)
+
+
 def _issue(node: SimNode, version: int) -> None:
     """The node re-issues its own card: news it pushes from now on."""
     node.directory = issue(node.directory, version, _card(node.identity, version))
@@ -74,8 +108,10 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
     cards = {i.node_id: Entry(i.node_id, 1, _card(i, 1)) for i in identities}
     nodes: dict[str, SimNode] = {}
     for identity in identities:
-        directory = Directory(identity.node_id, dict(cards))  # a converged directory: everyone knows everyone
-        nodes[identity.node_id] = SimNode(identity, directory, neighbours(directory, policy))
+        directory = make_directory(identity.node_id, cards)  # a converged directory: everyone knows everyone
+        nodes[identity.node_id] = SimNode(
+            identity, directory, neighbours(directory, policy), offset=rng.randrange(policy.anti_entropy_every)
+        )
     ids = list(nodes)
     # Hellos go to the neighbour set; each is answered, so a node also answers its in-neighbours.
     in_degree = {n: 0 for n in ids}
@@ -115,6 +151,8 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
             partner.sent += 1  # its reply
             partner.cards_in += len(push)
             node.cards_in += len(pull)
+            if (rounds + node.offset) % policy.anti_entropy_every == 0:
+                _anti_entropy(node, nodes[rng.choice(node.neighbours)], policy)
         if probe is not None:
             origin_id, probe_version = probe
             have = sum(1 for n in nodes.values() if (e := n.directory.entries.get(origin_id)) and e.version >= probe_version)
@@ -136,6 +174,7 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
         "spread_99_s_median": statistics.median(spread_rounds) * round_s,
         "spread_99_s_max": max(spread_rounds) * round_s,
         "all_pairs_msgs_per_node_min": 2 * (n_nodes - 1) * hellos_per_min,
+        "repairs_per_node_min": statistics.mean(n.repairs for n in nodes.values()) / minutes,
     }
 
 
@@ -152,8 +191,9 @@ def main() -> None:
         policy.hello_interval_ms / 1000, policy.stop_after,
     )
     log.info(
-        "%6s %14s %14s %14s %14s %16s %14s %18s",
-        "nodes", "msgs/node/min", "max/node/min", "gossip/min", "cards in/min", "to 99% (median)", "to 99% (max)", "all-pairs msgs/min",
+        "%6s %14s %14s %14s %14s %12s %16s %14s %18s",
+        "nodes", "msgs/node/min", "max/node/min", "gossip/min", "cards in/min", "repairs/min", "to 99% (median)", "to 99% (max)",
+        "all-pairs msgs/min",
     )
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
@@ -161,9 +201,9 @@ def main() -> None:
         r = simulate(size, policy, args.seed)
         results.append(r)
         log.info(
-            "%6d %14.1f %14.1f %14.1f %14.1f %15.0fs %13.0fs %18.0f   (%.0f s to simulate)",
+            "%6d %14.1f %14.1f %14.1f %14.1f %12.2f %15.0fs %13.0fs %18.0f   (%.0f s to simulate)",
             r["nodes"], r["msgs_per_node_min"], r["max_msgs_per_node_min"], r["gossip_msgs_per_node_min"],
-            r["cards_in_per_node_min"], r["spread_99_s_median"], r["spread_99_s_max"], r["all_pairs_msgs_per_node_min"],
+            r["cards_in_per_node_min"], r["repairs_per_node_min"], r["spread_99_s_median"], r["spread_99_s_max"], r["all_pairs_msgs_per_node_min"],
             time.perf_counter() - started,
         )
     first, last = results[0], results[-1]

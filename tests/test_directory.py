@@ -5,12 +5,17 @@ from __future__ import annotations
 import random
 
 from peers.directory import (
+    Entry,
+    directory_digest,
+    newer_than,
+    versions,
     CardNews,
     Directory,
     DirectoryPolicy,
     feedback,
     issue,
     learn,
+    make_directory,
     neighbours,
     outgoing,
     receive,
@@ -68,7 +73,7 @@ def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none() -
         d, _ = receive(d, [], POLICY, _verify)
         for news in base.values():
             d, _ = learn(d, news, POLICY, _verify)
-        dirs[i] = Directory(i, d.entries, {})  # converged and quiet
+        dirs[i] = make_directory(i, d.entries)  # converged and quiet
     dirs["n5"] = issue(dirs["n5"], 2, "signed:n5:2")
     # A liar pushes a forged newer card of n9 in every message it sends.
     forged = _news("n9", 99, card="forged")
@@ -82,4 +87,15 @@ def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none() -
             dirs[i] = feedback(dirs[i], push, known_p, POLICY)
             dirs[partner] = feedback(dirs[partner], pull, known_i, POLICY)
     assert all(d.entries["n5"].version == 2 for d in dirs.values())
+    assert len({d.summary for d in dirs.values()}) == 1  # every digest agrees once news has spread
     assert all(d.entries["n9"].version == 1 for d in dirs.values())
+
+
+def test_anti_entropy_repairs_what_rumours_missed() -> None:
+    a = make_directory("a", {"x": Entry("x", 1, "signed:x:1"), "y": Entry("y", 3, "signed:y:3")})
+    b = make_directory("b", {"x": Entry("x", 2, "signed:x:2")})
+    assert directory_digest(a) != directory_digest(b)
+    a, _ = receive(a, newer_than(b, versions(a), POLICY), POLICY, _verify)
+    b, _ = receive(b, newer_than(a, versions(b), POLICY), POLICY, _verify)
+    assert directory_digest(a) == directory_digest(b)
+    assert a.entries["x"].version == 2 and b.entries["y"].version == 3
