@@ -90,7 +90,8 @@ class PeerClient:
         )
         if relayed is None:
             return response
-        return await open_verified(response, relayed, nonce, route, body, RelayErrors(PeerUnreachable, PeerProtocolError))
+        # A reply that fails verification is the relay's doing, not the node's: a broken path, like a cut connection.
+        return await open_verified(response, relayed, nonce, route, body, RelayErrors(PeerUnreachable, PeerUnreachable))
 
     async def _call(self, url: str, route: str, message: WireMessage, reply: type[Reply], timeout_s: float) -> Reply:
         body = encode(message)

@@ -1,10 +1,10 @@
 """What relaying costs: a token stream direct vs through a relay (tunnel + signed envelopes), on loopback.
 
 The home node's peer API is a stand-in that streams `--tokens` generation frames as fast as it
-can, so the figures are the transport's, not a model's. Prints tokens/s, time to the first token
+can (or one every `--interval-ms`, as a model would), so the figures are the transport's. Prints tokens/s, time to the first token
 and bytes on the wire per token for both paths, and their ratios, measured in the same run.
 
-    python scripts/bench_relay.py [--tokens 2000] [--rounds 3]
+    python scripts/bench_relay.py [--tokens 2000] [--rounds 3] [--interval-ms 20]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger("bench_relay")
 TOKEN = " token"  # a typical short piece of text per frame
 
 
-def _home(tokens: int, sent: list[int]) -> web.Application:
+def _home(tokens: int, sent: list[int], interval_s: float) -> web.Application:
     async def generate(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "application/msgpack"})
@@ -42,6 +42,8 @@ def _home(tokens: int, sent: list[int]) -> web.Application:
             frame = encode(GenerateFrame(kind="delta", text=TOKEN))
             sent[0] += len(frame)
             await response.write(frame)
+            if interval_s:
+                await asyncio.sleep(interval_s)
         await response.write(encode(GenerateFrame(kind="done", finish_reason="length", completion_tokens=tokens)))
         return response
 
@@ -73,10 +75,10 @@ async def _stream(client: PeerClient, url: str) -> tuple[float, float, int]:
     return time.perf_counter() - started, first or 0.0, count
 
 
-async def main(tokens: int, rounds: int) -> None:
+async def main(tokens: int, rounds: int, interval_s: float) -> None:
     sent = [0]
     with tempfile.TemporaryDirectory() as tmp:
-        home_runner, home_url = await _serve(_home(tokens, sent))
+        home_runner, home_url = await _serve(_home(tokens, sent, interval_s))
         relay = RelayServer(Settings(data_dir=Path(tmp), relay=True, relay_open=True, relay_max_bytes_per_s=1e12),
                             NodeIdentity.generate(), Admissions(Path(tmp)))
         relay_app = web.Application()
@@ -108,9 +110,9 @@ async def main(tokens: int, rounds: int) -> None:
         rows[path] = (tokens / statistics.median(t for t, _, _ in runs), statistics.median(f for _, f, _ in runs) * 1000)
         log.info("%-8s %9.0f tokens/s   first token %6.1f ms   %5.0f bytes/token on the wire", path, *rows[path], wire[path])
     log.info(
-        "relayed/direct: throughput x%.2f, first token x%.2f, bytes per token x%.2f  (%d tokens, median of %d)",
+        "relayed/direct: throughput x%.2f, first token x%.2f, bytes per token x%.2f  (%d tokens%s, median of %d)",
         rows["relayed"][0] / rows["direct"][0], rows["relayed"][1] / rows["direct"][1], wire["relayed"] / wire["direct"],
-        tokens, rounds,
+        tokens, f" one every {interval_s * 1000:.0f} ms" if interval_s else " as fast as possible", rounds,
     )
 
 
@@ -119,5 +121,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--interval-ms", type=float, default=0.0, help="pace tokens like a model (20: 50 tokens/s)")
     args = parser.parse_args()
-    asyncio.run(main(args.tokens, args.rounds))
+    asyncio.run(main(args.tokens, args.rounds, args.interval_ms / 1000))

@@ -19,7 +19,7 @@ from node.admission import Admissions
 from node.api import error_middleware
 from node.config import Settings
 from node.relay import RelayLinks, RelayServer
-from peers.client import PEER_PATH, PeerClient, PeerProtocolError, PeerRejected, PeerUnreachable
+from peers.client import PEER_PATH, PeerClient, PeerRejected, PeerUnreachable
 from peers.identity import NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX, EnvelopeSealer, parse_relayed_url
 from peers.wire import ChatMessage, GenerateFrame, GenerateRequest, encode
@@ -154,7 +154,7 @@ async def test_a_relay_that_alters_a_token_is_caught(mesh) -> None:
     runner, evil = await _mitm(mesh.relay_url, lambda data, _r: data.replace(b"France", b"Russia"))
     try:
         url = mesh.url.replace(mesh.relay_url, evil)
-        with pytest.raises(PeerProtocolError, match="end-to-end"):
+        with pytest.raises(PeerUnreachable, match="end-to-end"):
             await _texts(mesh.client, url)
         # The same relay passing bytes untouched is fine: the check is not what fails.
         runner2, fair = await _mitm(mesh.relay_url, lambda data, _r: data)
@@ -174,13 +174,13 @@ async def test_a_relay_that_injects_or_cuts_is_caught(mesh) -> None:
 
     runner, evil = await _mitm(mesh.relay_url, inject)
     try:
-        with pytest.raises(PeerProtocolError):
+        with pytest.raises(PeerUnreachable, match="relayed reply"):
             await _texts(mesh.client, mesh.url.replace(mesh.relay_url, evil))
     finally:
         await runner.cleanup()
     runner, cutter = await _mitm(mesh.relay_url, lambda data, _r: data[: len(data) // 2])
     try:
-        with pytest.raises((PeerUnreachable, PeerProtocolError)):
+        with pytest.raises(PeerUnreachable):
             await _texts(mesh.client, mesh.url.replace(mesh.relay_url, cutter))
     finally:
         await runner.cleanup()
@@ -202,7 +202,7 @@ async def test_a_relay_cannot_pose_as_the_home_node(mesh) -> None:
 
     runner, evil = await _mitm(mesh.relay_url, impersonate)
     try:
-        with pytest.raises(PeerProtocolError, match="not signed by node"):
+        with pytest.raises(PeerUnreachable, match="not signed by node"):
             await _texts(mesh.client, mesh.url.replace(mesh.relay_url, evil))
     finally:
         await runner.cleanup()
