@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, peer_api, relay, web_routes
+from node import api, catalog, directory, peer_api, relay, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.config import Settings
 from node.errors import NodeError
@@ -164,11 +164,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
     app.cleanup_ctx.append(relay.relay_ctx)
+    app.cleanup_ctx.append(directory.directory_ctx)
     app.cleanup_ctx.append(_judging_ctx)
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)
     relay.add_routes(app)
+    directory.add_routes(app)
     web_routes.add_routes(app)
     return app
 
@@ -222,6 +224,7 @@ async def serve(settings: Settings) -> None:
         node_id = app[api.node_info_key].node_id
         await app[api.network_key].start(advertise_urls(settings, port))
         await app[relay.relay_links_key].start(url)
+        app[directory.directory_key].start()
         _write_node_file(settings.data_dir, url, node_id)
         experts = ", ".join(e.spec.id for e in app[api.pool_key])
         log.info("serving %s: web page %s/ , OpenAI API %s/v1", experts, url, url)
