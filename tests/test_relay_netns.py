@@ -15,6 +15,7 @@ over to the other within the dead-peer time; killing both leaves A unreachable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +37,8 @@ pytestmark = [
         reason="needs root, iproute2 and iptables to build the namespaces and the NAT routers",
     ),
 ]
+
+log = logging.getLogger(__name__)
 
 API_KEY = "relay-netns-key"
 PORT = 8470
@@ -230,6 +233,8 @@ def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_pat
             "the second relay to take over", timeout_s=DEAD_AFTER_S + 10,
         )
         took_s = time.monotonic() - killed_at
+        log.info("relay %s killed: B reaches A via %s after %.1f s (dead-peer time %.0f s)", used.node_id,
+                 other.node_id, took_s, DEAD_AFTER_S)
         assert took_s <= DEAD_AFTER_S, f"handover took {took_s:.1f} s, over the dead-peer time {DEAD_AFTER_S} s"
         assert moved["reach"]["kind"] == "relayed"
         text, provenance, _ = _ask(ns["hb"], b, GEMMA3_ID)
@@ -237,8 +242,10 @@ def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_pat
 
         # With no relay left, A cannot be reached at all.
         other.process.kill()
+        killed_at = time.monotonic()
         _wait(lambda: (p := _peer(ns["hb"], b, a.node_id)) is not None and not p["alive"], "A to become unreachable",
               timeout_s=DEAD_AFTER_S + 15)
+        log.info("both relays killed: A unreachable from B after %.1f s", time.monotonic() - killed_at)
     finally:
         for node in reversed(nodes):
             node.stop()
