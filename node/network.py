@@ -18,6 +18,7 @@ from node.peer_store import PeerStore, RememberedPeer
 from peers import table as peer_table
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
+from peers.relay import is_relayed
 from peers.table import PeerSource, PeerState, PeerTable, TablePolicy
 from peers.trust import Trust, penalize, reward
 from peers.wire import (
@@ -42,6 +43,7 @@ MAX_HELLOS_IN_FLIGHT = 16
 # A peer delivering under a third of the speed it claims is lying, not merely loaded.
 SPEED_LIE_FACTOR = 3.0
 MIN_TOKENS_FOR_SPEED_CHECK = 8
+DIRECT_RETRY_MS = 60_000  # how often a relayed peer's direct addresses are tried again
 
 
 def stable_digest(card: NodeCard) -> str:
@@ -98,6 +100,7 @@ class Network:
         self.urls: tuple[str, ...] = ()
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[str] = set()
+        self._direct_tried_ms: dict[str, int] = {}
         self._loop_task: asyncio.Task | None = None
         self._mdns = None
         self._db = asyncio.Lock()
@@ -344,6 +347,7 @@ class Network:
             self._apply(peer_table.HelloSucceeded(url, card, rtt_ms, now, source))
             if card.node_id == self._identity.node_id:
                 return
+            self._try_direct(url, card, now)
             self._peer_card(card)
             if not was_alive:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
@@ -354,6 +358,15 @@ class Network:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
         finally:
             self._in_flight.discard(url)
+
+    def _try_direct(self, url: str, card: NodeCard, now_ms: int) -> None:
+        """Reached through a relay: now and then try the peer's direct addresses, which win when they answer."""
+        if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
+            return
+        self._direct_tried_ms[card.node_id] = now_ms
+        for other in card.addresses:
+            if not is_relayed(other):
+                self._hello_soon(other)
 
     def _try_other_addresses(self, url: str) -> None:
         """A peer stopped answering at `url`: hello the other addresses its card lists (another relay, say)."""

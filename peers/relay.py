@@ -78,6 +78,11 @@ def parse_relayed_url(url: str) -> RelayedAddress | None:
     return RelayedAddress(f"{parts.scheme}://{parts.netloc}{base_path}", NodeId(node_id))
 
 
+def is_relayed(url: str) -> bool:
+    """Whether `url` is a relayed address."""
+    return parse_relayed_url(url) is not None
+
+
 # ---- end-to-end envelopes -----------------------------------------------------------
 
 

@@ -84,6 +84,14 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         }).json()
         assert auto["expertmesh"]["node"] == a.node_id
 
+        # A node that has a tunnel but is reachable directly too is used directly.
+        c = start_node(tmp_path / "c", "--model", "smollm2-135m", "--join", _invite(relay), *FAST, env=ENV)
+        nodes.append(c)
+        _wait(lambda: c.node_id in httpx.get(relay.url + "/v1/admissions", timeout=10).json()["tunnels"], "C's tunnel")
+        direct = _wait(lambda: (p := _peer(b, c.node_id)) and p["alive"] and p["reach"]["kind"] == "direct" and p,
+                       "B to reach C directly")
+        assert direct["url"] == c.url
+
         cli = subprocess.run([sys.executable, "-m", "node", "peers", "--node", b.url], capture_output=True, text=True, timeout=30)
         assert f"relayed via {relay.node_id}" in cli.stdout, cli.stdout
 
