@@ -77,14 +77,14 @@ class DirectoryService:
         own_card: Callable[[], SignedCard],
         partners: Callable[[], dict[str, str]],
         session: aiohttp.ClientSession,
-        policy: pure.DirectoryPolicy = pure.DirectoryPolicy(),
+        policy: pure.DirectoryPolicy | None = None,
         *,
         rng: random.Random | None = None,
     ) -> None:
         self._own_card = own_card
         self._partners = partners  # alive peers: node id -> url
         self._session = session
-        self.policy = policy
+        self.policy = policy or pure.DirectoryPolicy()
         self.state = pure.Directory(self_id)
         self._rng = rng or random.Random()
         self._task: asyncio.Task | None = None

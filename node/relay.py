@@ -21,7 +21,6 @@ from node import keys
 from node.admission import Admissions
 from node.config import Settings
 from node.errors import ExpertBusy, Forbidden, InvalidRequest, NodeError, NotFound, PayloadTooLarge, PeerUnavailable
-from peers import table as peer_table
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.invite import (
@@ -43,7 +42,6 @@ from peers.relay import (
     NONCE_HEADER,
     RELAY_PREFIX,
     TUNNEL_TO_HOME,
-    TUNNEL_TO_RELAY,
     EnvelopeSealer,
     TunnelAuth,
     TunnelCancel,
@@ -69,6 +67,7 @@ STREAM_IDLE_S = 120.0
 HEARTBEAT_S = 10.0
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 5.0
+REFUSED_RETRY_MAX_S = 60.0
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_INVITE_TTL_S = 24 * 3600
 _ROUTE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -103,7 +102,7 @@ def with_joins(settings: Settings) -> Settings:
         _write_json(path, joins)
     for entry in joins:
         invite = _decode_unchecked(entry["invite"])
-        if invite is None:
+        if invite is None or entry.get("joined") == "refused":
             continue
         peers += [a for a in invite.addresses if a not in peers]
         if invite.relay:
@@ -166,7 +165,6 @@ class RelayServer:
 
     def __init__(self, settings: Settings, identity: NodeIdentity, admissions: Admissions) -> None:
         self._settings = settings
-        self._identity = identity
         self.identity = identity
         self.admissions = admissions
         self.tunnels: dict[str, _Tunnel] = {}
@@ -181,7 +179,7 @@ class RelayServer:
             raise NotFound("this node does not relay")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_TUNNEL_MESSAGE_BYTES)
         await ws.prepare(request)
-        challenge = TunnelChallenge(nonce=secrets.token_bytes(NONCE_BYTES), relay_node_id=self._identity.node_id)
+        challenge = TunnelChallenge(nonce=secrets.token_bytes(NONCE_BYTES), relay_node_id=self.identity.node_id)
         await ws.send_bytes(encode(challenge))
         try:
             msg = await ws.receive(timeout=10)
@@ -326,9 +324,7 @@ class RelayLinks:
 
     def __init__(self, settings: Settings, identity: NodeIdentity, session: aiohttp.ClientSession, network) -> None:
         self._settings = settings
-        self._identity = identity
         self.identity = identity
-        self._session = session
         self.session = session
         self._network = network
         self._relays: list[str] = [r.rstrip("/") for r in settings.relays]
@@ -380,7 +376,7 @@ class RelayLinks:
             delay_s = RECONNECT_MIN_S
             while True:
                 try:
-                    reply = await join(self._session, self._identity, invite)
+                    reply = await join(self.session, self.identity, invite)
                     log.info("joined node %s with its invite%s", reply.node_id, " (it relays for us)" if reply.relay else "")
                     entry["joined"] = True
                     break
@@ -397,9 +393,11 @@ class RelayLinks:
     async def _keep_tunnel(self, relay: str) -> None:
         delay_s = RECONNECT_MIN_S
         while True:
+            refused = False
             try:
-                await self._tunnel(relay)
-                delay_s = RECONNECT_MIN_S
+                refused = not await self._tunnel(relay)
+                if not refused:
+                    delay_s = RECONNECT_MIN_S
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError) as exc:
                 log.debug("tunnel to %s: %s", relay, exc)
             finally:
@@ -407,18 +405,20 @@ class RelayLinks:
                     log.warning("tunnel to relay %s closed; reconnecting", relay)
                     self._publish()
             await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+            # A relay that refuses us (not admitted yet, or revoked) is asked again less and less often.
+            delay_s = min(delay_s * 2, REFUSED_RETRY_MAX_S if refused else RECONNECT_MAX_S)
 
-    async def _tunnel(self, relay: str) -> None:
-        async with self._session.ws_connect(
+    async def _tunnel(self, relay: str) -> bool:
+        """Open one tunnel and serve it until it closes; False when the relay refused it."""
+        async with self.session.ws_connect(
             relay + CONNECT_PATH, heartbeat=HEARTBEAT_S, max_msg_size=MAX_TUNNEL_MESSAGE_BYTES, timeout=aiohttp.ClientWSTimeout(ws_close=5)
         ) as ws:
             challenge = decode_tunnel((await ws.receive_bytes(timeout=10)), (TunnelChallenge,))
-            await ws.send_bytes(encode(prove_tunnel(self._identity, challenge)))
+            await ws.send_bytes(encode(prove_tunnel(self.identity, challenge)))
             msg = await ws.receive(timeout=10)
             if msg.type != aiohttp.WSMsgType.BINARY:
                 log.info("relay %s refused the tunnel: %s", relay, ws.close_code and (msg.extra or ws.close_code))
-                return
+                return False
             ready = decode_tunnel(msg.data, (TunnelReady,))
             self.relayed[relay] = ready.url
             self._publish()
@@ -446,12 +446,13 @@ class RelayLinks:
             finally:
                 for task in streams.values():
                     task.cancel()
+        return True
 
     async def _serve(self, request: TunnelRequest, send) -> None:
         """Run one relayed request against our own peer API and send its reply back sealed."""
         sid = request.stream_id
-        sealer = EnvelopeSealer(self._identity, request.nonce, request_digest(request.route, request.body))
-        headers = dict(zip(request.headers[0::2], request.headers[1::2]))
+        sealer = EnvelopeSealer(self.identity, request.nonce, request_digest(request.route, request.body))
+        headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
         headers = {k: v for k, v in headers.items() if k.lower().startswith(FORWARDED_HEADER_PREFIX)}
         headers["Content-Type"] = CONTENT_TYPE
         if not _ROUTE.match(request.route):
@@ -459,7 +460,7 @@ class RelayLinks:
                 await send(TunnelData(stream_id=sid, data=env, end=True))
             return
         try:
-            async with self._session.post(
+            async with self.session.post(
                 f"{self._local_url}{PEER_PATH}/{request.route}", data=request.body, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=self._settings.peer_idle_timeout_s),
             ) as response:

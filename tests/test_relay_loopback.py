@@ -7,7 +7,9 @@ relay does to them); tests/test_relay_nodes.py runs the same path between real n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,17 +63,17 @@ def _request() -> GenerateRequest:
     )
 
 
-@pytest.fixture()
-async def mesh(tmp_path: Path):
+@contextlib.asynccontextmanager
+async def _mesh(tmp_path: Path, **relay_settings):
     """A relay, a home node tunnelled to it, and a requester's client; torn down in order."""
     runners: list[web.AppRunner] = []
     home_app = web.Application()
     home_app.router.add_post(f"{PEER_PATH}/generate", _home_peer_api)
     runner, home_url = await _serve(home_app)
     runners.append(runner)
-    relay_settings = Settings(data_dir=tmp_path / "relay", relay=True, relay_open=True, relay_max_streams=2)
-    (tmp_path / "relay").mkdir()
-    relay = RelayServer(relay_settings, NodeIdentity.generate(), Admissions(tmp_path / "relay"))
+    settings = Settings(data_dir=tmp_path / "relay", relay=True, relay_open=True, relay_max_streams=2, **relay_settings)
+    (tmp_path / "relay").mkdir(parents=True)
+    relay = RelayServer(settings, NodeIdentity.generate(), Admissions(tmp_path / "relay"))
     runner, relay_url = await _serve(_relay_app(relay))
     runners.append(runner)
     home = NodeIdentity.generate()
@@ -94,6 +96,12 @@ async def mesh(tmp_path: Path):
     await client_session.close()
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+@pytest.fixture()
+async def mesh(tmp_path: Path):
+    async with _mesh(tmp_path) as running:
+        yield running
 
 
 async def _texts(client: PeerClient, url: str) -> list[str]:
@@ -126,6 +134,22 @@ async def test_the_relay_limits_streams(mesh) -> None:
         await slow_call()
     assert caught.value.status == 429 and caught.value.retry_after_s == 1
     assert all(len(frames) == len(TOKENS) + 1 for frames in await asyncio.gather(*tasks))
+
+
+async def test_the_relay_holds_its_byte_rate(tmp_path: Path) -> None:
+    async with _mesh(tmp_path / "fast") as fast:
+        started = time.perf_counter()
+        assert await _texts(fast.client, fast.url) == TOKENS
+        fast_s = time.perf_counter() - started
+        stream_bytes = fast.relay.relayed_bytes
+    rate = 400.0
+    async with _mesh(tmp_path / "slow", relay_max_bytes_per_s=rate) as slow:
+        started = time.perf_counter()
+        assert await _texts(slow.client, slow.url) == TOKENS
+        slow_s = time.perf_counter() - started
+    # The bucket starts full (one second's worth); the rest of the stream has to wait for tokens.
+    floor_s = (stream_bytes - rate) / rate
+    assert slow_s >= 0.8 * floor_s and slow_s > fast_s + 0.5, (slow_s, fast_s, stream_bytes)
 
 
 async def test_an_unknown_node_at_the_relay_is_a_clear_error(mesh) -> None:

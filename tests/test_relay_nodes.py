@@ -104,6 +104,8 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         admissions = httpx.get(relay.url + "/v1/admissions", timeout=10).json()
         assert a.node_id not in admissions["tunnels"] and b.node_id in admissions["tunnels"]
         assert next(x for x in admissions["data"] if x["id"] == a.node_id)["revoked_ms"] is not None
+        # The relay itself no longer counts A as a peer (its hellos are refused there).
+        assert not any(p["id"] == a.node_id and p["alive"] for p in httpx.get(relay.url + "/v1/peers", timeout=10).json()["data"])
     finally:
         for node in reversed(nodes):
             node.stop()
