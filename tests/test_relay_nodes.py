@@ -84,9 +84,13 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         }).json()
         assert auto["expertmesh"]["node"] == a.node_id
 
-        # A node that has a tunnel but is reachable directly too is used directly.
-        c = start_node(tmp_path / "c", "--model", "smollm2-135m", "--join", _invite(relay), *FAST, env=ENV)
+        # A node joins at run time (the page's way), gets a tunnel, but is reachable directly too: used directly.
+        c = start_node(tmp_path / "c", "--model", "smollm2-135m", *FAST, env=ENV)
         nodes.append(c)
+        bad = httpx.post(c.url + "/v1/join", json={"invite": "expertmesh-invite:AAAA"}, timeout=30)
+        assert bad.status_code == 400 and "malformed" in bad.json()["error"]["message"]
+        joined = httpx.post(c.url + "/v1/join", json={"invite": _invite(relay)}, timeout=30).json()
+        assert joined == {"joined": relay.node_id, "relayed": True}
         _wait(lambda: c.node_id in httpx.get(relay.url + "/v1/admissions", timeout=10).json()["tunnels"], "C's tunnel")
         direct = _wait(lambda: (p := _peer(b, c.node_id)) and p["alive"] and p["reach"]["kind"] == "direct" and p,
                        "B to reach C directly")
