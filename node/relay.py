@@ -68,6 +68,7 @@ HEARTBEAT_S = 10.0
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 5.0
 REFUSED_RETRY_MAX_S = 60.0
+MAX_HOME_STREAMS = 64  # relayed requests a home node serves at once, per tunnel
 JOIN_TIMEOUT_S = 10.0
 DEFAULT_INVITE_TTL_S = 24 * 3600
 _ROUTE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -436,6 +437,12 @@ class RelayLinks:
                         continue
                     message = decode_tunnel(msg.data, TUNNEL_TO_HOME)
                     if isinstance(message, TunnelRequest):
+                        if len(streams) >= MAX_HOME_STREAMS:
+                            # The relay sends more than this node serves at once: a signed "busy", not a queue.
+                            sealer = EnvelopeSealer(self.identity, message.nonce, request_digest(message.route, message.body))
+                            for env in sealer.seal(b"", status=429, retry_after_s=1, end=True):
+                                await send(TunnelData(stream_id=message.stream_id, data=env, end=True))
+                            continue
                         task = self._spawn(self._serve(message, send))
                         streams[message.stream_id] = task
                         task.add_done_callback(lambda _t, sid=message.stream_id: streams.pop(sid, None))

@@ -197,3 +197,20 @@ def test_admissions_one_time_revocation_and_restart(tmp_path) -> None:
     reopened.redeem(reusable, "nodec", 7)
     with pytest.raises(PermissionError, match="revoked"):
         reopened.redeem(reusable, "nodea", 8)
+
+
+def test_a_bad_invite_at_start_is_a_clear_error(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "start", "--data-dir", str(tmp_path), "--join", "expertmesh-invite:nonsense"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "--join: invite is malformed" in result.stderr, result.stderr
+    expired = make_invite(RELAY, ["http://203.0.113.5:8470"], os.urandom(16), 1, one_time=True, relay=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "start", "--data-dir", str(tmp_path), "--join", expired],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "expired" in result.stderr, result.stderr
