@@ -102,7 +102,7 @@ class PeerClient:
                 if response.status != 200:
                     raise PeerRejected(response.status, _error_text(data))
             finally:
-                response.close()
+                response.release()  # back to the pool, as `async with` did
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:

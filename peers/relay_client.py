@@ -26,18 +26,17 @@ class VerifiedReply:
 
     async def _first(self) -> None:
         """Read up to the first envelope, which carries the home node's status."""
-        while True:
-            opened = await self._next_opened()
-            if opened is None:
-                raise self._errors.unreachable("the relay ended the reply before the node's first envelope")
-            self.status = opened.status
-            if opened.retry_after_s:
-                self.headers["Retry-After"] = str(opened.retry_after_s)
-            if opened.data:
-                self._buffered.append(opened.data)
-            return
+        opened = await self._next_opened()
+        if opened is None:
+            raise self._errors.unreachable("the relay ended the reply before the node's first envelope")
+        self.status = opened.status
+        if opened.retry_after_s:
+            self.headers["Retry-After"] = str(opened.retry_after_s)
+        if opened.data:
+            self._buffered.append(opened.data)
 
     async def _next_opened(self):
+        """The next verified envelope, None after the signed end; a cut or a forgery raises."""
         pending = self._pending
         while not pending:
             if self._opener.ended:
@@ -73,7 +72,12 @@ class VerifiedReply:
             yield chunk
 
     def close(self) -> None:
+        """Close the relay's connection."""
         self._raw.close()
+
+    def release(self) -> None:
+        """Hand the relay's connection back to the pool."""
+        self._raw.release()
 
 
 class RelayErrors:
