@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, directory, peer_api, relay, web_routes
+from node import api, catalog, directory, invites, peer_api, relay, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.config import Settings
 from node.errors import NodeError
@@ -164,12 +164,14 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
     app.cleanup_ctx.append(relay.relay_ctx)
+    app.cleanup_ctx.append(invites.invites_ctx)
     app.cleanup_ctx.append(directory.directory_ctx)
     app.cleanup_ctx.append(_judging_ctx)
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)
     relay.add_routes(app)
+    invites.add_routes(app)
     directory.add_routes(app)
     web_routes.add_routes(app)
     return app
@@ -200,7 +202,7 @@ def _write_node_file(data_dir: Path, url: str, node_id: str) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run a node until SIGINT or SIGTERM, then close everything cleanly."""
-    settings = relay.with_joins(settings)
+    settings = invites.with_joins(settings)
     app = create_app(settings)
     # Cancel handlers of clients that hang up, so their expert stops generating for nobody.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
