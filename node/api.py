@@ -51,6 +51,7 @@ from node.keys import (  # noqa: F401 - re-exported: the app factory and the pee
     settings_key,
 )
 from node.network import Network, RemoteExpert
+from node.relay import reach_of
 from peers.table import PeerState
 from node.router import RATINGS, parse_constraints
 from node.schemas import (
@@ -447,6 +448,7 @@ def _peer_entry(network: Network, peer: PeerState, alive: set[str]) -> dict[str,
         "url": peer.url,
         "alive": peer.node_id in alive,
         "rtt_ms": None if peer.rtt_ms is None else round(peer.rtt_ms, 2),
+        "reach": reach_of(network, peer.url),
         "last_seen_ms": peer.last_seen_ms,
         "source": peer.source,
         "experts": [e.expert_id for e in peer.card.experts] if peer.card else [],

@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, peer_api, selfcheck, web_routes
+from node import api, catalog, directory, invites, peer_api, relay, selfcheck, web_routes
 from node.access import RateLimiter, access_middleware, resolve_api_key
 from node.community import Community
 from node.config import Settings
@@ -189,10 +189,16 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
+    app.cleanup_ctx.append(relay.relay_ctx)
+    app.cleanup_ctx.append(invites.invites_ctx)
+    app.cleanup_ctx.append(directory.directory_ctx)
     app.cleanup_ctx.append(_judging_ctx)
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     peer_api.add_routes(app)
+    relay.add_routes(app)
+    invites.add_routes(app)
+    directory.add_routes(app)
     web_routes.add_routes(app)
     return app
 
@@ -222,6 +228,7 @@ def _write_node_file(data_dir: Path, url: str, node_id: str) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run a node until SIGINT or SIGTERM, then close everything cleanly."""
+    settings = invites.with_joins(settings)
     app = create_app(settings)
     # Cancel handlers of clients that hang up, so their expert stops generating for nobody.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -244,6 +251,8 @@ async def serve(settings: Settings) -> None:
         url = f"http://{host}:{port}"
         node_id = app[api.node_info_key].node_id
         await app[api.network_key].start(advertise_urls(settings, port))
+        await app[relay.relay_links_key].start(url)
+        app[directory.directory_key].start()
         _write_node_file(settings.data_dir, url, node_id)
         experts = ", ".join(e.spec.id for e in app[api.pool_key])
         log.info("serving %s: web page %s/ , OpenAI API %s/v1", experts, url, url)

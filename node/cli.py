@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--hello-interval-s", type=float, help="seconds between hellos to each peer (5)")
     start.add_argument("--spot-check-interval-s", type=float, help="seconds between spot checks of peers (300; 0 off)")
     start.add_argument("--peer-idle-timeout-s", type=float, help="give up on a peer silent this long mid-answer (60)")
+    start.add_argument("--join", action="append", help="invite from a community's node (repeatable; kept once redeemed)")
+    start.add_argument("--relay", action="append", dest="relays", help="URL of a relay to stay reachable through (repeatable)")
+    start.add_argument(
+        "--offer-relay", action=argparse.BooleanOptionalAction, default=None, dest="relay",
+        help="relay for home nodes admitted by invite (a public node)",
+    )
+    start.add_argument("--relay-open", action="store_true", default=None, help="relay for any node, invite or not")
+    start.add_argument("--relay-max-streams", type=int, help="relayed requests in flight at once (64)")
+    start.add_argument("--relay-max-bytes-per-s", type=float, help="relayed bytes per second, all tunnels together (2e6)")
     start.add_argument("--api-key", help="key the user API requires (Authorization: Bearer KEY)")
     start.add_argument(
         "--require-api-key", action=argparse.BooleanOptionalAction, default=None,
@@ -88,6 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     judge.add_argument("--force", action="store_true", help="judge again even if a card is stored")
     judge.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
     judge.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
+
+    invite = commands.add_parser("invite", help="print a one-line invite to this node (run on a reachable node)")
+    invite.add_argument("--ttl-s", type=float, default=24 * 3600, help="seconds the invite stays valid (one day)")
+    invite.add_argument("--reusable", action="store_true", help="may be redeemed by many nodes until it expires")
+    invite.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    invite.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
+
+    revoke = commands.add_parser("revoke", help="revoke one node's admission (its relay, its hellos), for good")
+    revoke.add_argument("node_id")
+    revoke.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    revoke.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
 
     pull = commands.add_parser("pull", help="fetch a model into the cache")
     pull.add_argument("name", help=f"one of {', '.join(catalog.CATALOG)} or a .gguf path")
@@ -160,6 +180,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "judge_expert": args.judge_expert,
         "share_learning": args.share_learning,
         "use_community_learning": args.use_community_learning,
+        "join": tuple(args.join) if args.join else None,
+        "relays": tuple(args.relays) if args.relays else None,
+        "relay": args.relay,
+        "relay_open": args.relay_open,
+        "relay_max_streams": args.relay_max_streams,
+        "relay_max_bytes_per_s": args.relay_max_bytes_per_s,
     }
     settings = load_settings(args.config, overrides)
     _setup_logging(settings.log_level)
@@ -284,13 +310,43 @@ async def _peers(args: argparse.Namespace) -> int:
                 return 1
             data = await response.json()
     sys.stdout.write(f"node {data['node_id']}: {len(data['data'])} peers\n")
-    sys.stdout.write(f"{'ID':<22} {'ALIVE':<6} {'RTT MS':>7} {'SEEN S AGO':>10}  {'URL':<28} EXPERTS\n")
+    sys.stdout.write(f"{'ID':<22} {'ALIVE':<6} {'RTT MS':>7} {'SEEN S AGO':>10}  {'REACHED':<30} {'URL':<28} EXPERTS\n")
     now_ms = time.time() * 1000
     for peer in data["data"]:
         rtt = "-" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.1f}"
         seen = f"{(now_ms - peer['last_seen_ms']) / 1000:.0f}"
         experts = ", ".join(peer["experts"])
-        sys.stdout.write(f"{peer['id']:<22} {'yes' if peer['alive'] else 'no':<6} {rtt:>7} {seen:>10}  {peer['url']:<28} {experts}\n")
+        reach = peer.get("reach") or {"kind": "direct"}
+        how = "direct" if reach["kind"] == "direct" else f"relayed via {reach.get('via') or reach.get('via_url')}"
+        sys.stdout.write(
+            f"{peer['id']:<22} {'yes' if peer['alive'] else 'no':<6} {rtt:>7} {seen:>10}  {how:<30} {peer['url']:<28} {experts}\n"
+        )
+    return 0
+
+
+async def _invite(args: argparse.Namespace) -> int:
+    body = {"ttl_s": args.ttl_s, "one_time": not args.reusable}
+    async with _session(args, aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(args.node.rstrip("/") + "/v1/invites", json=body) as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+            data = await response.json()
+    sys.stdout.write(data["invite"] + "\n")
+    left_h = (data["expires_ms"] / 1000 - time.time()) / 3600
+    kind = "one-time" if data["one_time"] else "reusable"
+    relay = "; this node relays for whoever joins" if data["relay"] else ""
+    sys.stderr.write(f"-- {kind} invite, valid {left_h:.1f} h{relay}; join with: expertmesh start --join <invite>\n")
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    async with _session(args, aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(args.node.rstrip("/") + f"/v1/admissions/{args.node_id}/revoke") as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+    sys.stdout.write(f"revoked {args.node_id}\n")
     return 0
 
 
@@ -366,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_judge(args))
         if args.command == "doctor":
             return _cmd_doctor(args)
+        if args.command == "invite":
+            return asyncio.run(_invite(args))
+        if args.command == "revoke":
+            return asyncio.run(_revoke(args))
         if args.command == "report":
             from node.report import render
 

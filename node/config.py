@@ -70,6 +70,14 @@ class Settings:
     peer_idle_timeout_s: float = 60.0  # a peer silent this long mid-answer is given up on
     share_learning: bool = True  # publish the signed summary of what this node's users taught (README: Community learning)
     use_community_learning: bool = True  # weigh peers' summaries into routing
+    # Relaying for nodes behind NAT (see node/relay.py): offer it on a public node, use it from home.
+    relay: bool = False  # relay peer requests for admitted home nodes
+    relay_open: bool = False  # relay for any node, not only those admitted with an invite
+    relay_max_tunnels: int = 256
+    relay_max_streams: int = 64  # relayed requests in flight at once, over all tunnels
+    relay_max_bytes_per_s: float = 2_000_000.0  # relayed bytes per second, over all tunnels
+    relays: tuple[str, ...] = ()  # relay URLs this node keeps a tunnel to (home nodes)
+    join: tuple[str, ...] = ()  # invites to redeem (kept in the data dir once redeemed)
 
 
 _INT_FIELDS = {
@@ -81,6 +89,8 @@ _INT_FIELDS = {
     "max_body_bytes",
     "max_tokens_default",
     "judge_items_per_dimension",
+    "relay_max_tunnels",
+    "relay_max_streams",
 }
 _PATH_FIELDS = {"data_dir", "models_dir"}
 _FLOAT_FIELDS = {
@@ -93,10 +103,11 @@ _FLOAT_FIELDS = {
     "peer_idle_timeout_s",
     "spot_check_interval_s",
     "decompose_proposer_min_score",
+    "relay_max_bytes_per_s",
 }
-_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default"}
+_BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default", "relay", "relay_open"}
 _BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
-_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied"}
+_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
 

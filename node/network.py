@@ -12,11 +12,13 @@ from typing import Awaitable, Callable, Sequence
 
 from node.access import is_loopback_host
 from node.config import Settings
+from node.errors import Forbidden
 from node.experts import ExpertPool
 from node.peer_store import PeerStore, RememberedPeer
 from peers import table as peer_table
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
+from peers.relay import is_relayed
 from peers.table import PeerSource, PeerState, PeerTable, TablePolicy
 from peers.trust import Trust, penalize, reward
 from peers.wire import (
@@ -41,6 +43,7 @@ MAX_HELLOS_IN_FLIGHT = 16
 # A peer delivering under a third of the speed it claims is lying, not merely loaded.
 SPEED_LIE_FACTOR = 3.0
 MIN_TOKENS_FOR_SPEED_CHECK = 8
+DIRECT_RETRY_MS = 60_000  # how often a relayed peer's direct addresses are tried again
 
 
 def stable_digest(card: NodeCard) -> str:
@@ -89,6 +92,8 @@ class Network:
         # Set by community learning: our signed learning summary for hellos, and what to do with a peer's.
         self.learning: Callable[[], bytes] = lambda: b""
         self.on_peer_learning: Callable[[str, bytes], object] = lambda _node_id, _data: None
+        # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
+        self.is_refused: Callable[[str], bool] = lambda _node_id: False
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
@@ -98,6 +103,7 @@ class Network:
         self.urls: tuple[str, ...] = ()
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[str] = set()
+        self._direct_tried_ms: dict[str, int] = {}
         self._loop_task: asyncio.Task | None = None
         self._mdns = None
         self._db = asyncio.Lock()
@@ -216,6 +222,8 @@ class Network:
         """A peer said hello: check its card, learn its addresses (verified by our own hello), answer with ours."""
         card = verify_card(hello.card)
         now = self._clock_ms()
+        if self.is_refused(card.node_id):
+            raise Forbidden(f"node {card.node_id} was revoked here")
         if card.node_id != self._identity.node_id:
             self._peer_card(card)
             self.on_peer_learning(card.node_id, hello.learning)
@@ -236,8 +244,13 @@ class Network:
     # ---- queries ----------------------------------------------------------------------
 
     def alive_peers(self) -> list[PeerState]:
-        """Verified peers heard from recently."""
-        return peer_table.alive_peers(self.table, self._clock_ms(), self.policy)
+        """Verified peers heard from recently (revoked ones left out)."""
+        return [p for p in peer_table.alive_peers(self.table, self._clock_ms(), self.policy) if not self.is_refused(p.node_id)]
+
+    def learn_address(self, url: str) -> None:
+        """Add an address to verify, as if configured (an invite's, joined at run time)."""
+        self._apply(peer_table.AddressLearned(url, "bootstrap", self._clock_ms()))
+        self._hello_soon(url)
 
     def note_misbehaviour(self, node_id: str, kind: str, detail: str) -> None:
         """Lower a peer's trust for what it did; a distrusted peer's experts are no longer offered."""
@@ -331,6 +344,7 @@ class Network:
             except (PeerError, WireError) as exc:
                 log.debug("hello to %s failed: %s", url, exc)
                 self._apply(peer_table.HelloFailed(url, self._clock_ms()))
+                self._try_other_addresses(url)
                 return
             rtt_ms = (time.perf_counter() - started_s) * 1000
             now = self._clock_ms()
@@ -338,6 +352,7 @@ class Network:
             self._apply(peer_table.HelloSucceeded(url, card, rtt_ms, now, source))
             if card.node_id == self._identity.node_id:
                 return
+            self._try_direct(url, card, now)
             self._peer_card(card)
             self.on_peer_learning(card.node_id, reply.learning)
             if not was_alive:
@@ -349,6 +364,23 @@ class Network:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
         finally:
             self._in_flight.discard(url)
+
+    def _try_direct(self, url: str, card: NodeCard, now_ms: int) -> None:
+        """Reached through a relay: now and then try the peer's direct addresses, which win when they answer."""
+        if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
+            return
+        self._direct_tried_ms[card.node_id] = now_ms
+        for other in card.addresses:
+            if not is_relayed(other):
+                self._hello_soon(other)
+
+    def _try_other_addresses(self, url: str) -> None:
+        """A peer stopped answering at `url`: hello the other addresses its card lists (another relay, say)."""
+        peer = next((p for p in self.table.peers.values() if p.url == url), None)
+        if peer is not None and peer.card is not None:
+            for other in peer.card.addresses:
+                if other != url:
+                    self._hello_soon(other)
 
     async def _exchange(self, url: str) -> None:
         try:

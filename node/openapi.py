@@ -302,6 +302,13 @@ def _response_schemas() -> dict[str, Any]:
                             "url": _STRING,
                             "alive": _BOOLEAN,
                             "rtt_ms": _nullable(_NUMBER),
+                            "reach": _object(
+                                {
+                                    "kind": {"type": "string", "enum": ["direct", "relayed"]},
+                                    "via": _nullable(_STRING),
+                                    "via_url": _nullable(_STRING),
+                                }
+                            ),
                             "last_seen_ms": _INTEGER,
                             "source": {"type": "string", "enum": ["mdns", "bootstrap", "exchange"]},
                             "experts": {"type": "array", "items": _STRING},
@@ -481,6 +488,102 @@ def _generation(summary: str, description: str, request: str, response: str, *, 
     }
 
 
+def _inline(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _network_join_paths() -> dict[str, Any]:
+    """Invites, joining, admissions and the gossip directory (node/relay.py, node/directory.py)."""
+    node_id_param = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[a-z2-7]{1,64}$"}}
+    invite = _object({"invite": _STRING, "expires_ms": _INTEGER, "one_time": _BOOLEAN, "relay": _BOOLEAN})
+    admissions = _object({
+        "object": {"const": "list"},
+        "relay": _BOOLEAN,
+        "tunnels": {"type": "array", "items": _STRING},
+        "active_streams": _INTEGER,
+        "relayed_bytes": _INTEGER,
+        "data": {"type": "array", "items": _object(
+            {"id": _STRING, "admitted_ms": _INTEGER, "revoked_ms": _nullable(_INTEGER), "tunnel": _BOOLEAN}
+        )},
+    })
+    directory = _object({
+        "object": {"const": "list"},
+        "node_id": _STRING,
+        "data": {"type": "array", "items": _object({
+            "id": _STRING, "issued_ms": _INTEGER, "addresses": {"type": "array", "items": _STRING},
+            "experts": {"type": "array", "items": _STRING}, "news": _BOOLEAN,
+        })},
+    })
+    return {
+        "/v1/invites": {
+            "post": {
+                "summary": "Create an invite to this node",
+                "description": "A one-line invite, signed by this node, with an admission secret (one-time by default).",
+                "operationId": "createInvite",
+                "tags": ["network"],
+                "requestBody": {"required": False, "content": {JSON: {"schema": {
+                    "type": "object",
+                    "properties": {
+                        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 365 * 86400},
+                        "one_time": _BOOLEAN,
+                    },
+                }}}},
+                "responses": {
+                    "200": _inline("The invite.", invite),
+                    "400": _error("Invalid fields."),
+                    "413": _TOO_LARGE,
+                    "500": _error("This node has no address to put in an invite yet."),
+                },
+            }
+        },
+        "/v1/join": {
+            "post": {
+                "summary": "Join with an invite",
+                "description": "Redeem an invite at the node that issued it; a relaying inviter relays for this node from now on.",
+                "operationId": "join",
+                "tags": ["network"],
+                "requestBody": {"required": True, "content": {JSON: {"schema": _object({"invite": _STRING})}}},
+                "responses": {
+                    "200": _inline("Joined.", _object({"joined": _STRING, "relayed": _BOOLEAN})),
+                    "400": _error("Not an invite, or a forged or expired one."),
+                    "403": _error("The inviter refused (used, expired or revoked)."),
+                    "413": _TOO_LARGE,
+                    "502": _error("The inviter cannot be reached."),
+                },
+            }
+        },
+        "/v1/admissions": {
+            "get": {
+                "summary": "List admitted nodes and relay tunnels",
+                "operationId": "listAdmissions",
+                "tags": ["network"],
+                "responses": {"200": _inline("Nodes admitted by invite (revoked ones included), tunnels open now.", admissions)},
+            }
+        },
+        "/v1/admissions/{node_id}/revoke": {
+            "post": {
+                "summary": "Revoke one node",
+                "description": "Kept across restarts: no relay, no hellos, no invite for it from now on.",
+                "operationId": "revokeNode",
+                "tags": ["network"],
+                "parameters": [node_id_param],
+                "responses": {
+                    "200": _inline("Revoked.", _object({"node_id": _STRING, "revoked": _BOOLEAN})),
+                    "400": _error("Not a node id."),
+                },
+            }
+        },
+        "/v1/directory": {
+            "get": {
+                "summary": "List the gossip directory",
+                "operationId": "listDirectory",
+                "tags": ["network"],
+                "responses": {"200": _inline("Node cards heard of by gossip, and this node's own.", directory)},
+            }
+        },
+    }
+
+
 def _paths() -> dict[str, Any]:
     chat = _generation(
         "Chat completion",
@@ -549,6 +652,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        **_network_join_paths(),
         "/v1/peers": {
             "get": {
                 "summary": "List peers",

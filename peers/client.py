@@ -9,6 +9,8 @@ from typing import AsyncIterator, TypeVar
 import aiohttp
 import msgpack
 
+from peers.relay import parse_relayed_url
+from peers.relay_client import RelayErrors, nonce_headers, open_verified
 from peers.wire import (
     BODY_HMAC_HEADER,
     CONTENT_TYPE,
@@ -76,19 +78,31 @@ class PeerClient:
             headers[BODY_HMAC_HEADER] = body_hmac(self._secret, body)
         return headers
 
+    async def _post(self, url: str, route: str, body: bytes, timeout: aiohttp.ClientTimeout):
+        """POST to a peer route; through a relay, only a reply the node signed end to end is read (peers/relay_client)."""
+        headers = self._headers(body)
+        relayed = parse_relayed_url(url)
+        if relayed is not None:
+            nonce, nonce_header = nonce_headers()
+            headers.update(nonce_header)
+        response = await self._session.post(
+            f"{url.rstrip('/')}{PEER_PATH}/{route}", data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
+        if relayed is None:
+            return response
+        # A reply that fails verification is the relay's doing, not the node's: a broken path, like a cut connection.
+        return await open_verified(response, relayed, nonce, route, body, RelayErrors(PeerUnreachable, PeerUnreachable))
+
     async def _call(self, url: str, route: str, message: WireMessage, reply: type[Reply], timeout_s: float) -> Reply:
         body = encode(message)
         try:
-            async with self._session.post(
-                f"{url.rstrip('/')}{PEER_PATH}/{route}",
-                data=body,
-                headers=self._headers(body),
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-                allow_redirects=False,
-            ) as response:
+            response = await self._post(url, route, body, aiohttp.ClientTimeout(total=timeout_s))
+            try:
                 data = await _read_capped(response, MAX_REPLY_BYTES)
                 if response.status != 200:
                     raise PeerRejected(response.status, _error_text(data))
+            finally:
+                response.release()  # back to the pool, as `async with` did
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -119,13 +133,7 @@ class PeerClient:
         body = encode(request)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=self._idle_timeout_s)
         try:
-            response = await self._session.post(
-                f"{url.rstrip('/')}{PEER_PATH}/generate",
-                data=body,
-                headers=self._headers(body),
-                timeout=timeout,
-                allow_redirects=False,
-            )
+            response = await self._post(url, "generate", body, timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:

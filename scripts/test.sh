@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv (a virtual environment in the clone, so a PEP 668 "externally
-# managed" system Python works too), plus Debian's chromium for the browser tests, and run every test.
+# managed" system Python works too), plus Debian's chromium (browser tests) and iptables (NAT test), and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root_apt() {
@@ -9,6 +9,10 @@ as_root_apt() {
 }
 if ! command -v chromium >/dev/null 2>&1; then
     as_root_apt chromium || echo "note: no chromium and no root apt-get: the browser tests will be skipped" >&2
+fi
+if ! command -v iptables >/dev/null 2>&1; then
+    # The NAT test builds home routers with iptables MASQUERADE in network namespaces.
+    as_root_apt iptables || echo "note: no iptables: the NAT relay test will be skipped" >&2
 fi
 if [ ! -x .venv/bin/python ]; then
     # Debian and Ubuntu ship venv separately (python3-venv).

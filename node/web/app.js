@@ -704,6 +704,26 @@ function stripUndefined(obj) {
     $("network-updated").textContent = "Updated " + new Date().toLocaleTimeString() + "; refreshes every few seconds.";
   }
 
+  $("join-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const status = $("join-status");
+    const invite = $("join-invite").value.trim();
+    if (!invite) return;
+    try {
+      const body = await (await postJson("/v1/join", { invite })).json();
+      showMessage(status, `Joined node ${body.joined}` + (body.relayed ? "; it relays for this node." : "."));
+      $("join-invite").value = "";
+      refreshPeers();
+    } catch (exc) {
+      showMessage(status, `Could not join: ${exc.message}`);
+    }
+  });
+
+  function reachText(reach) {
+    if (!reach || reach.kind === "direct") return "direct";
+    return "relayed via " + (reach.via || reach.via_url);
+  }
+
   async function refreshPeers() {
     try {
       const body = await getJson("/v1/peers");
@@ -715,6 +735,7 @@ function stripUndefined(obj) {
         el("tr", {},
           el("td", { class: "mono", text: p.id }),
           el("td", {}, el("span", { class: "badge " + (p.alive ? "alive" : "dead"), text: p.alive ? "alive" : "unreachable" })),
+          el("td", { title: (p.reach && p.reach.via_url) || "", text: reachText(p.reach) }),
           el("td", { text: typeof p.rtt_ms === "number" ? fmt(p.rtt_ms, 1) + " ms" : "–" }),
           el("td", { title: p.last_seen_ms ? new Date(p.last_seen_ms).toLocaleString() : "", text: ago(p.last_seen_ms) }),
           el("td", { text: p.source || "–" }),

@@ -1,0 +1,286 @@
+"""Relay protocol (pure): relayed addresses, tunnel messages, and end-to-end signed reply envelopes.
+
+A home node behind NAT keeps a WebSocket open to a public node (the relay). Other nodes
+reach it at the relayed address `<relay>/peer/v1/relay/<home node id>`, which carries the
+ordinary peer API. The relay only moves bytes: every reply the home node sends back is cut
+into envelopes, each signed by the home node's Ed25519 key over the requester's fresh nonce,
+the digest of the request as the home node received it, its sequence number and its bytes.
+So the relay cannot alter, inject, reorder, drop (undetected) or replay reply bytes, cannot
+alter the request unnoticed, and cannot pose as the home node, whose id is in the address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+from urllib.parse import urlsplit
+
+import msgpack
+
+from peers.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    NodeId,
+    NodeIdentity,
+    node_id_from_public_key,
+    verify_signature,
+)
+from peers.wire import FrameReader, Limit, WireError, WireMessage, _wire, decode, encode
+
+RELAY_PREFIX = "/peer/v1/relay"
+CONNECT_PATH = "/peer/v1/relay-connect"
+NONCE_HEADER = "X-Expertmesh-E2E-Nonce"
+NONCE_BYTES = 16
+MAX_ENVELOPE_DATA = 48 << 10
+MAX_ENVELOPE_BYTES = MAX_ENVELOPE_DATA + 512
+MAX_TUNNEL_MESSAGE_BYTES = (256 << 10) + 4096
+# Request headers a relay passes on to the home node; everything else stays at the relay.
+FORWARDED_HEADER_PREFIX = "x-expertmesh-"
+
+_ENVELOPE_DOMAIN = b"expertmesh-relay-envelope-1"
+_TUNNEL_DOMAIN = b"expertmesh-relay-tunnel-1"
+_NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+class RelayForgery(WireError):
+    """A relayed reply whose envelope does not verify: altered, injected, reordered or not from the node."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
+
+
+# ---- addresses ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelayedAddress:
+    """A node reached through a relay: the relay's base URL and the node's id."""
+
+    relay_url: str
+    node_id: NodeId
+
+
+def relayed_url(relay_url: str, node_id: str) -> str:
+    """The address at which `relay_url` relays for `node_id`."""
+    return f"{relay_url.rstrip('/')}{RELAY_PREFIX}/{node_id}"
+
+
+def parse_relayed_url(url: str) -> RelayedAddress | None:
+    """The relay and node of a relayed address, or None for a direct one."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    head, sep, node_id = path.rpartition("/")
+    if not sep or not head.endswith(RELAY_PREFIX) or not node_id or not set(node_id) <= _NODE_ID_CHARS:
+        return None
+    base_path = head[: -len(RELAY_PREFIX)]
+    return RelayedAddress(f"{parts.scheme}://{parts.netloc}{base_path}", NodeId(node_id))
+
+
+def is_relayed(url: str) -> bool:
+    """Whether `url` is a relayed address."""
+    return parse_relayed_url(url) is not None
+
+
+# ---- end-to-end envelopes -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Envelope(WireMessage):
+    """A signed slice of a relayed reply; the first carries the status, the last has `end`."""
+
+    TYPE: ClassVar[str] = "relay_envelope"
+    seq: int = _wire(min_value=0)
+    data: bytes = _wire(b"", max_len=MAX_ENVELOPE_DATA)
+    status: int = _wire(0, min_value=0, max_value=999)
+    retry_after_s: int = _wire(0, min_value=0, max_value=86_400)
+    end: bool = False
+    public_key: bytes = _wire(b"", max_len=PUBLIC_KEY_BYTES)
+    signature: bytes = _wire(bytes(SIGNATURE_BYTES), min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+
+
+def request_digest(route: str, body: bytes) -> bytes:
+    """What the home node confirms it received: the route and the exact body."""
+    return hashlib.sha256(route.encode() + b"\0" + body).digest()
+
+
+def _envelope_bytes(node_id: str, nonce: bytes, digest: bytes, env: Envelope) -> bytes:
+    return msgpack.packb(
+        [_ENVELOPE_DOMAIN, node_id, nonce, digest, env.seq, env.status, env.retry_after_s, env.end, env.data],
+        use_bin_type=True,
+    )
+
+
+class EnvelopeSealer:
+    """The home node's side: cuts one reply into signed envelopes."""
+
+    def __init__(self, identity: NodeIdentity, nonce: bytes, digest: bytes) -> None:
+        self._identity = identity
+        self._nonce = nonce
+        self._digest = digest
+        self._seq = 0
+
+    def seal(self, data: bytes = b"", *, status: int = 0, retry_after_s: int = 0, end: bool = False) -> list[bytes]:
+        """Encoded envelopes for `data` (split at the size cap); the first one ever carries the key."""
+        pieces = [data[i : i + MAX_ENVELOPE_DATA] for i in range(0, len(data), MAX_ENVELOPE_DATA)] or [b""]
+        out = []
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            unsigned = Envelope(
+                seq=self._seq,
+                data=piece,
+                status=status if index == 0 else 0,
+                retry_after_s=retry_after_s if index == 0 else 0,
+                end=end and last,
+                public_key=self._identity.public_key_raw if self._seq == 0 else b"",
+            )
+            signature = self._identity.sign(_envelope_bytes(self._identity.node_id, self._nonce, self._digest, unsigned))
+            out.append(encode(dataclasses.replace(unsigned, signature=signature)))
+            self._seq += 1
+        return out
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A verified envelope's content."""
+
+    seq: int
+    data: bytes
+    status: int
+    retry_after_s: int
+    end: bool
+
+
+class EnvelopeOpener:
+    """The requester's side: verifies envelopes of one relayed reply, in order, against the node id asked for."""
+
+    def __init__(self, node_id: str, nonce: bytes, digest: bytes) -> None:
+        self._node_id = node_id
+        self._nonce = nonce
+        self._digest = digest
+        self._public_key: bytes | None = None
+        self._next_seq = 0
+        self.ended = False
+        self._reader = FrameReader(Envelope, max_frame_bytes=MAX_ENVELOPE_BYTES, max_total_bytes=64 << 20)
+
+    def feed(self, chunk: bytes) -> Iterator[Opened]:
+        """Verified envelopes completed by `chunk`; RelayForgery on the first that fails."""
+        if self.ended and chunk:
+            raise RelayForgery("bytes after the signed end of the reply")
+        self._reader.feed(chunk)
+        for env in self._reader:
+            yield self._open(env)
+
+    def _open(self, env: Envelope) -> Opened:
+        if self.ended:
+            raise RelayForgery("an envelope after the signed end of the reply")
+        if env.seq != self._next_seq:
+            raise RelayForgery(f"envelope {env.seq} where {self._next_seq} was due")
+        if self._public_key is None:
+            if node_id_from_public_key(env.public_key) != self._node_id:
+                raise RelayForgery(f"the reply is not signed by node {self._node_id}")
+            self._public_key = env.public_key
+        if not verify_signature(self._public_key, _envelope_bytes(self._node_id, self._nonce, self._digest, env), env.signature):
+            raise RelayForgery(f"envelope {env.seq} does not verify against node {self._node_id}'s key")
+        self._next_seq += 1
+        self.ended = env.end
+        return Opened(env.seq, env.data, env.status, env.retry_after_s, env.end)
+
+
+# ---- tunnel messages (relay <-> home node, over one WebSocket) ------------------------
+
+
+@dataclass(frozen=True)
+class TunnelChallenge(WireMessage):
+    """The relay asks the home node to prove its key."""
+
+    TYPE: ClassVar[str] = "tunnel_challenge"
+    nonce: bytes = _wire(min_len=NONCE_BYTES, max_len=64)
+    relay_node_id: str = _wire(min_len=1, max_len=64)
+
+
+@dataclass(frozen=True)
+class TunnelAuth(WireMessage):
+    """The home node's proof: its key and a signature over the challenge."""
+
+    TYPE: ClassVar[str] = "tunnel_auth"
+    public_key: bytes = _wire(min_len=PUBLIC_KEY_BYTES, max_len=PUBLIC_KEY_BYTES)
+    signature: bytes = _wire(min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+
+
+@dataclass(frozen=True)
+class TunnelReady(WireMessage):
+    """The relay accepted the tunnel: the address at which it now relays for the home node."""
+
+    TYPE: ClassVar[str] = "tunnel_ready"
+    url: str = _wire(min_len=1, max_len=200)
+    max_streams: int = _wire(min_value=0)
+    max_bytes_per_s: int = _wire(min_value=0)
+
+
+@dataclass(frozen=True)
+class TunnelRequest(WireMessage):
+    """A peer request the relay passes to the home node (`headers`: name, value, name, value...)."""
+
+    TYPE: ClassVar[str] = "tunnel_request"
+    stream_id: int = _wire(min_value=0)
+    route: str = _wire(min_len=1, max_len=64)
+    body: bytes = _wire(max_len=256 << 10)
+    headers: tuple[str, ...] = _wire((), max_len=32, item=Limit(max_len=2048))
+    nonce: bytes = _wire(b"", max_len=64)
+
+
+@dataclass(frozen=True)
+class TunnelData(WireMessage):
+    """Envelope bytes of one stream's reply, from the home node; `end` closes the stream."""
+
+    TYPE: ClassVar[str] = "tunnel_data"
+    stream_id: int = _wire(min_value=0)
+    data: bytes = _wire(b"", max_len=MAX_ENVELOPE_BYTES * 2)
+    end: bool = False
+
+
+@dataclass(frozen=True)
+class TunnelCancel(WireMessage):
+    """The requester hung up: the home node stops the stream."""
+
+    TYPE: ClassVar[str] = "tunnel_cancel"
+    stream_id: int = _wire(min_value=0)
+
+
+def tunnel_proof_bytes(nonce: bytes, relay_node_id: str, public_key: bytes) -> bytes:
+    """What a home node signs to open a tunnel: only good for this relay and this challenge."""
+    return msgpack.packb([_TUNNEL_DOMAIN, nonce, relay_node_id, public_key], use_bin_type=True)
+
+
+def prove_tunnel(identity: NodeIdentity, challenge: TunnelChallenge) -> TunnelAuth:
+    """The home node's answer to a relay's challenge."""
+    proof = tunnel_proof_bytes(challenge.nonce, challenge.relay_node_id, identity.public_key_raw)
+    return TunnelAuth(public_key=identity.public_key_raw, signature=identity.sign(proof))
+
+
+def check_tunnel(challenge: TunnelChallenge, auth: TunnelAuth) -> NodeId:
+    """The node id proven by `auth`; WireError(403) when the signature does not verify."""
+    proof = tunnel_proof_bytes(challenge.nonce, challenge.relay_node_id, auth.public_key)
+    if not verify_signature(auth.public_key, proof, auth.signature):
+        raise WireError(403, "tunnel proof does not verify")
+    return node_id_from_public_key(auth.public_key)
+
+
+TUNNEL_TO_HOME = (TunnelChallenge, TunnelReady, TunnelRequest, TunnelCancel)
+TUNNEL_TO_RELAY = (TunnelAuth, TunnelData)
+
+
+def decode_tunnel(data: bytes, allowed: tuple[type[WireMessage], ...]) -> WireMessage:
+    """Decode one tunnel message of one of the `allowed` types; WireError on anything else."""
+    if len(data) > MAX_TUNNEL_MESSAGE_BYTES:
+        raise WireError(413, "tunnel message over the cap")
+    try:
+        kind = msgpack.unpackb(data, raw=False, max_bin_len=MAX_TUNNEL_MESSAGE_BYTES).get("type")
+    except Exception as exc:  # noqa: BLE001 - any unpack failure is a malformed message
+        raise WireError(400, f"malformed tunnel message: {type(exc).__name__}") from exc
+    for shape in allowed:
+        if shape.TYPE == kind:
+            return decode(data, shape, max_bytes=MAX_TUNNEL_MESSAGE_BYTES)
+    raise WireError(400, f"unexpected tunnel message {str(kind)[:40]!r}")
