@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--threads", type=int, dest="n_threads", help="CPU threads per expert (default: llama.cpp's)")
     start.add_argument("--n-gpu-layers", type=int, help="layers offloaded to the GPU (default -1: all)")
     start.add_argument("--queue-size", type=int, help="requests waiting per expert before 429 (default 8)")
+    start.add_argument("--parallel", type=int, help="sequence slots per expert, decoded together (default 8 with a GPU, 4 on a CPU)")
     start.add_argument("--peer", action="append", dest="peers", help="bootstrap peer URL (repeatable)")
     start.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
     start.add_argument(
@@ -121,6 +122,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "n_threads": args.n_threads,
         "n_gpu_layers": args.n_gpu_layers,
         "queue_size": args.queue_size,
+        "parallel": args.parallel,
         "log_level": args.log_level,
         "peers": tuple(args.peers) if args.peers else None,
         "mdns": args.mdns,
