@@ -593,6 +593,7 @@ async def healthz(request: web.Request) -> web.Response:
                     "waiting": e.waiting,
                     "tokens_per_s": round(e.tokens_per_s(), 2),
                     "worker_restarts": e.restarts,
+                    "safe_cpu_kernels": e.safe_cpu_kernels,
                 }
                 for e in app[pool_key]
             ],

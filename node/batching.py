@@ -124,7 +124,7 @@ class BatchScheduler:
         n_batch: int = 512,
     ) -> None:
         import llama_cpp
-        from llama_cpp._internals import LlamaModel
+        from llama_cpp._internals import LlamaContext, LlamaModel
 
         self._ll = llama_cpp
         model_params = llama_cpp.llama_model_default_params()
@@ -149,10 +149,12 @@ class BatchScheduler:
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         # One KV stream per sequence: each slot owns exactly n_ctx cells, no slot can starve another.
         params.kv_unified = False
-        self._ctx = llama_cpp.llama_init_from_model(model, params)
-        if not self._ctx:
+        try:
+            self._context = LlamaContext(model=self._model, params=params, verbose=False)
+        except ValueError as exc:
             self._model.close()
-            raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {self.parallel} slots")
+            raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {self.parallel} slots") from exc
+        self._ctx = self._context.ctx
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx) if hasattr(llama_cpp, "llama_n_ctx_seq") else n_ctx
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -164,6 +166,24 @@ class BatchScheduler:
         head_dim = llama_cpp.llama_model_n_embd(model) // max(1, n_head)
         # f16 K and V for every layer: 2 tensors x 2 bytes x kv heads x head size.
         self.kv_bytes_per_token = n_layer * 2 * 2 * n_head_kv * head_dim
+
+    def warm_up(self) -> None:
+        """Run the kernels once (a prompt chunk, then one token in every slot), so a CPU that cannot
+        run them crashes here, before any request, and leave the context empty."""
+        ll = self._ll
+        batch = self._batch
+        n_prompt = min(32, self.n_batch)
+        for index, (seq_id, pos) in enumerate([(0, p) for p in range(n_prompt)]):
+            batch.token[index], batch.pos[index], batch.n_seq_id[index] = 1, pos, 1
+            batch.seq_id[index][0], batch.logits[index] = seq_id, index == n_prompt - 1
+        batch.n_tokens = n_prompt
+        ll.llama_decode(self._ctx, batch)
+        for index in range(self.parallel):
+            batch.token[index], batch.pos[index], batch.n_seq_id[index] = 1, n_prompt if index == 0 else 0, 1
+            batch.seq_id[index][0], batch.logits[index] = index, True
+        batch.n_tokens = self.parallel
+        ll.llama_decode(self._ctx, batch)
+        ll.llama_memory_seq_rm(self._mem, -1, -1, -1)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -210,7 +230,7 @@ class BatchScheduler:
                 ll.llama_sampler_free(slot.sampler)
                 slot.sampler = None
         ll.llama_batch_free(self._batch)
-        ll.llama_free(self._ctx)
+        self._context.close()
         self._model.close()
 
     # ---- one step ------------------------------------------------------------------------

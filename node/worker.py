@@ -94,6 +94,7 @@ class ModelWorker:
         self.running = 0
         self.waiting = 0
         self.info: WorkerInfo | None = None
+        self._steps_since_start = 0
         self._ready = threading.Event()
         self._start()
         self._thread = threading.Thread(target=self._read_loop, name=f"worker-{name}", daemon=True)
@@ -130,6 +131,7 @@ class ModelWorker:
         with self._lock:
             self._process = process
             self._conn = Connection(parent_sock.detach())
+            self._steps_since_start = -1  # -1: not ready yet
 
     def close(self) -> None:
         """Stop the child and the reader thread; in-flight requests end with an error."""
@@ -175,8 +177,9 @@ class ModelWorker:
 
     def tokens_per_s(self) -> float:
         """Tokens sampled per second over the last few seconds of work (all slots together)."""
+        now_s = time.monotonic()
         with self._lock:
-            steps = list(self._steps)
+            steps = [step for step in self._steps if step[0] >= now_s - TOKENS_WINDOW_S]
         if len(steps) < 2:
             return 0.0
         span_s = steps[-1][0] - steps[0][0]
@@ -192,6 +195,10 @@ class ModelWorker:
                     self._handle(conn.recv())
             except (EOFError, OSError):
                 pass
+            except Exception:  # noqa: BLE001 - a garbled message: this worker cannot be trusted any more
+                log.exception("bad message from the worker of %s; killing it", self.name)
+                if self._process is not None:
+                    self._process.kill()
             process = self._process
             returncode = process.wait() if process is not None else None
             conn.close()
@@ -206,6 +213,7 @@ class ModelWorker:
         if kind == "step":
             _, events, sampled, running, waiting = message
             self.running, self.waiting = running, waiting
+            self._steps_since_start += 1
             now_s = time.monotonic()
             with self._lock:
                 self._steps.append((now_s, sampled))
@@ -220,6 +228,7 @@ class ModelWorker:
                     sink(event)
         elif kind == "ready":
             self.info = message[1]
+            self._steps_since_start = 0
             self._ready.set()
         elif kind == "load_failed":
             self.last_crash = message[1]
@@ -243,8 +252,13 @@ class ModelWorker:
         self.last_crash = cause
         log.error("the inference worker of %s died (%s); restarting it", self.name, cause)
         self._fail_all(WorkerCrashed(f"expert {self.name} crashed ({cause}) and is restarting"))
-        if returncode == -signal.SIGILL and not self._config.safe_cpu_kernels:
-            log.warning("%s: illegal instruction in llama.cpp; restarting with safe CPU kernels", self.name)
+        # Repacked CPU kernels (AMX and friends) on a CPU or VM that cannot run them die with SIGILL, or with
+        # SIGSEGV/SIGBUS at their first use: the warm-up before "ready", or the first decode step.
+        kernel_fault = returncode == -signal.SIGILL or (
+            returncode in (-signal.SIGSEGV, -signal.SIGBUS) and self._steps_since_start <= 0
+        )
+        if kernel_fault and not self._config.safe_cpu_kernels:
+            log.warning("%s: %s in llama.cpp's CPU kernels; restarting with safe CPU kernels", self.name, cause)
             self._config = WorkerConfig(**{**self._config.__dict__, "safe_cpu_kernels": True})
         now_s = time.monotonic()
         self._crash_times.append(now_s)
@@ -260,8 +274,11 @@ class ModelWorker:
 
 def _child_main(argv: list[str]) -> int:
     """Load the model, then serve requests until told to stop or the parent goes away."""
+    from llama_cpp._logger import set_verbose
+
     from node.batching import BatchScheduler
 
+    set_verbose(False)  # llama.cpp's load and context chatter; errors still reach stderr
     fd, model_path, n_ctx, parallel, n_threads, n_gpu_layers, safe = argv
     conn = Connection(int(fd))
     try:
@@ -276,6 +293,7 @@ def _child_main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides what to do
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return 1
+    scheduler.warm_up()
     conn.send(("ready", WorkerInfo(os.getpid(), scheduler.n_ctx, scheduler.parallel, scheduler.kv_bytes_per_token, bool(int(safe)))))
     try:
         while True:
@@ -309,5 +327,10 @@ def _handle_child(message: tuple, scheduler, conn: Connection) -> bool:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal reaches the whole process group: the node, not its worker, decides when it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(_child_main(sys.argv[1:]))
+    # Through the package, so what the child pickles names node.worker, not __main__.
+    from node.worker import _child_main as child_main
+
+    sys.exit(child_main(sys.argv[1:]))
