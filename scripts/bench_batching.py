@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from node import catalog  # noqa: E402
 from node.config import default_models_dir  # noqa: E402
+from tests.direct import direct_llama  # noqa: E402
 from tests.nodes import start_node  # noqa: E402
 
 PROMPTS = [
@@ -50,6 +52,21 @@ PROMPTS = [
     "Write a long poem about the mountains.",
 ]
 STREAMS = (1, 2, 4, 8)
+SAFE_KERNELS_SHIM = """
+# Written by scripts/bench_batching.py: the old node's Llama loads without llama.cpp's repacked CPU kernels.
+import llama_cpp.llama_cpp as _low
+
+_original = _low.llama_model_default_params
+
+
+def _safe_params():
+    params = _original()
+    params.use_extra_bufts = False
+    return params
+
+
+_low.llama_model_default_params = _safe_params
+"""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -62,6 +79,7 @@ class Run:
     wall_s: float
     cpu_s: float
     ttfts_s: list[float]
+    parent_cpu_s: float = 0.0  # the node process alone: HTTP, admission, reading the worker's pipe
 
 
 def _tree(pid: int) -> list[int]:
@@ -78,10 +96,10 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_s(pid: int) -> float:
-    """User+system CPU seconds of a process and its live children."""
+def cpu_s(pid: int, *, children: bool = True) -> float:
+    """User+system CPU seconds of a process and (by default) its live children."""
     total = 0
-    for p in _tree(pid):
+    for p in _tree(pid) if children else [pid]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -159,14 +177,15 @@ async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: 
 
 async def node_run(session, url: str, pid: int, model: str, n: int, max_tokens: int, rss: list[float]) -> Run:
     """N concurrent streams through a node's API."""
-    cpu0, started = cpu_s(pid), time.perf_counter()
+    cpu0, parent0, started = cpu_s(pid), cpu_s(pid, children=False), time.perf_counter()
     jobs = [asyncio.create_task(_stream(session, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, started)) for i in range(n)]
     while not all(job.done() for job in jobs):
         rss.append(rss_mb(pid))
         await asyncio.wait(jobs, timeout=0.5)
     results = [job.result() for job in jobs]
     wall = time.perf_counter() - started
-    return Run(sum(t for t, _ in results), wall, cpu_s(pid) - cpu0, [f for _, f in results])
+    parent = cpu_s(pid, children=False) - parent0
+    return Run(sum(t for t, _ in results), wall, cpu_s(pid) - cpu0, [f for _, f in results], parent)
 
 
 def _p(values: list[float], q: float) -> float:
@@ -181,13 +200,12 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--streams", default=",".join(map(str, STREAMS)), help="concurrent stream counts, e.g. 1,2,4,8")
     args = parser.parse_args()
-
-    from llama_cpp import Llama
+    streams = tuple(int(n) for n in args.streams.split(","))
 
     model = catalog.resolve(args.model, default_models_dir(), progress=True)
     n_ctx = 1024
-    llama = Llama(model_path=str(model.path), n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     common = ["--model", args.model, "--n-ctx", str(n_ctx), "--threads", str(args.threads), "--queue-size", "16"]
     runs: dict[tuple[str, int], list[Run]] = {}
     rss: dict[str, list[float]] = {"node": [], "old node": []}
@@ -195,8 +213,17 @@ async def main() -> None:
         old_src = Path(tmp) / "old"
         commit = old_node_source(old_src)
         node = start_node(Path(tmp) / "new", *common, "--parallel", str(args.parallel))
-        old_env = {"PYTHONPATH": str(old_src)}
-        old = _start_in(old_src, Path(tmp) / "old-data", common, old_env)
+        with urllib.request.urlopen(node.url + "/healthz") as response:
+            safe = json.load(response)["experts"][0]["safe_cpu_kernels"]
+        if safe:
+            # This CPU dies in llama.cpp's repacked kernels (the node's worker fell back): the old node and
+            # the direct path get the same safe kernels, or they would crash and the comparison be unfair.
+            (old_src / "sitecustomize.py").write_text(SAFE_KERNELS_SHIM)
+        llama = direct_llama(model.path, n_ctx=n_ctx, n_threads=args.threads, safe_cpu_kernels=safe)
+        old = _start_in(old_src, Path(tmp) / "old-data", common, {"PYTHONPATH": str(old_src)})
+        with urllib.request.urlopen(old.url + "/healthz") as response:
+            if "parallel" in json.load(response)["experts"][0]:
+                raise SystemExit("the old node runs this tree's code, not the old commit's")
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
                 async with session.get(node.url + "/v1/models") as response:
@@ -206,10 +233,10 @@ async def main() -> None:
                 await node_run(session, node.url, node.process.pid, expert_id, 1, 8, [])
                 await node_run(session, old.url, old.process.pid, expert_id, 1, 8, [])
                 for _ in range(args.rounds):
-                    for n in STREAMS:
+                    for n in streams:
                         runs.setdefault(("direct", n), []).append(direct_run(llama, n, args.max_tokens))
                         for name, running in (("old node", old), ("node", node)):
-                            samples = rss[name] if n == max(STREAMS) else []
+                            samples = rss[name] if n == max(streams) else []
                             run = await node_run(session, running.url, running.process.pid, expert_id, n, args.max_tokens, samples)
                             runs.setdefault((name, n), []).append(run)
         finally:
@@ -219,11 +246,12 @@ async def main() -> None:
     out = sys.stdout
     out.write(
         f"model {model.name}, {args.max_tokens} tokens per stream, {args.rounds} rounds, threads {args.threads}, "
-        f"node --parallel {args.parallel}, old node = commit {commit[:10]}, cpu count {os.cpu_count()}\n"
+        f"node --parallel {args.parallel}, old node = commit {commit[:10]}, cpu count {os.cpu_count()}, "
+        f"safe CPU kernels {safe}\n"
     )
     out.write(f"{'path':<9} {'N':>2} {'tokens/s':>9} {'tok/CPU-s':>10} {'p50 ttft s':>11} {'p99 ttft s':>11}\n")
     table: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-    for n in STREAMS:
+    for n in streams:
         for name in ("direct", "old node", "node"):
             samples = runs[(name, n)]
             tokens = sum(r.tokens for r in samples)
@@ -232,12 +260,18 @@ async def main() -> None:
             ttfts = [t for r in samples for t in r.ttfts_s]
             table[(name, n)] = (tps, tpc, _p(ttfts, 0.5), _p(ttfts, 0.99))
             out.write(f"{name:<9} {n:>2} {tps:>9.1f} {tpc:>10.1f} {_p(ttfts, 0.5):>11.2f} {_p(ttfts, 0.99):>11.2f}\n")
-    top = max(STREAMS)
+    top = max(streams)
     out.write(f"RSS at N={top}: node {max(rss['node']):.0f} MB (node + worker), old node {max(rss['old node']):.0f} MB\n")
     out.write(
         f"N={top}: node tokens/CPU-s {table[('node', top)][1] / table[('direct', top)][1]:.2f}x sequential direct "
         f"(goal >= 1.4x), {table[('node', top)][1] / table[('old node', top)][1]:.2f}x old node; "
         f"p50 TTFT {table[('old node', top)][2] / table[('node', top)][2]:.1f}x lower than the old node (goal >= 4x)\n"
+    )
+    node_1 = runs[("node", 1)]
+    tokens_1 = sum(r.tokens for r in node_1)
+    out.write(
+        f"N=1 streaming cost: node process (HTTP, SSE, worker pipe) {1000 * sum(r.parent_cpu_s for r in node_1) / tokens_1:.2f} "
+        f"CPU-ms per token, worker {1000 * sum(r.cpu_s - r.parent_cpu_s for r in node_1) / tokens_1:.2f} CPU-ms per token\n"
     )
     out.write(
         f"N=1: node tokens/s {table[('node', 1)][0] / table[('direct', 1)][0]:.3f}x direct (goal >= 0.97x), "
