@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class _Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV cells this sequence holds, in order
     request: SlotRequest | None = None
+    stops: tuple[bytes, ...] = ()
     sampler: object | None = None
     pending: list[int] = field(default_factory=list)  # tokens to decode next (prompt rest, or the last sample)
     out: bytearray = field(default_factory=bytearray)
@@ -92,7 +94,7 @@ def utf8_complete(data: bytes | bytearray, end: int) -> int:
         i -= 1
         back += 1
     if i == 0:
-        return end if back == 0 else 0
+        return end  # no lead byte before: not UTF-8 that more bytes could complete
     lead = data[i - 1]
     need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
     return end if back + 1 >= need else i - 1
@@ -137,7 +139,7 @@ class BatchScheduler:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.parallel = max(1, parallel)
         self.n_batch = min(n_batch, n_ctx)
-        threads = n_threads or max(1, (__import__("os").cpu_count() or 2) // 2)
+        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)  # llama-cpp-python's default
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * self.parallel
         params.n_batch = self.n_batch
@@ -241,7 +243,7 @@ class BatchScheduler:
         self._admit()
         if self.running == 0:
             return events, 0
-        n_tokens = self._fill_batch()
+        self._fill_batch()
         status = self._ll.llama_decode(self._ctx, self._batch)
         if status != 0:
             # 1: no KV room (cannot happen with per-slot streams and capped max_tokens), <0: a hard error.
@@ -250,7 +252,6 @@ class BatchScheduler:
                     events.append(Failed(slot.request.request_id, f"llama_decode failed with status {status}"))
                     self._release(slot, keep_cells=False)
             return events, 0
-        del n_tokens
         sampled = 0
         for slot in self._slots:
             if slot.request is None or slot.logits_index < 0:
@@ -281,6 +282,7 @@ class BatchScheduler:
             slot.cached = list(head.prompt[:keep])
             slot.pending = list(head.prompt[keep:])
             slot.request = head
+            slot.stops = tuple(s.encode("utf-8") for s in head.stops if s)
             slot.sampler = self._new_sampler(head)
             slot.out = bytearray()
             slot.sent = 0
@@ -302,7 +304,7 @@ class BatchScheduler:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _fill_batch(self) -> int:
+    def _fill_batch(self) -> None:
         """One batch: each generating slot's last token first, then prompt chunks in the room left."""
         batch = self._batch
         n = 0
@@ -329,7 +331,6 @@ class BatchScheduler:
                 batch.logits[n - 1] = True
                 slot.logits_index = n - 1
         batch.n_tokens = n
-        return n
 
     def _sample(self, slot: _Slot) -> list[StepEvent]:
         """Sample a slot's next token, update its text, and end it on EOG, a stop string or max tokens."""
@@ -342,7 +343,7 @@ class BatchScheduler:
         n = ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         if n > 0:
             slot.out += self._piece.raw[:n]
-        stops = tuple(s.encode("utf-8") for s in request.stops if s)
+        stops = slot.stops
         if stops:
             start = max(0, slot.sent - max(len(s) for s in stops) + 1)
             found = [i for i in (slot.out.find(s, start) for s in stops) if i >= 0]

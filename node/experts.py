@@ -14,8 +14,8 @@ from typing import AsyncIterator, Literal, NewType, Sequence
 
 import jinja2
 
-from node.catalog import CATALOG, ModelFile
 from node.batching import Done, Failed, SlotRequest, StepEvent, TextOut
+from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
 from node.worker import ModelWorker, WorkerConfig, WorkerCrashed
 

@@ -87,6 +87,7 @@ class ModelWorker:
         self._conn: Connection | None = None
         self._process: subprocess.Popen | None = None
         self._closing = False
+        self._closed = threading.Event()
         self._crash_times: deque[float] = deque(maxlen=CRASHES_BEFORE_BACKOFF)
         self._steps: deque[tuple[float, int]] = deque()
         self.restarts = 0
@@ -136,6 +137,7 @@ class ModelWorker:
     def close(self) -> None:
         """Stop the child and the reader thread; in-flight requests end with an error."""
         self._closing = True
+        self._closed.set()
         with self._lock:
             conn, process = self._conn, self._process
         if conn is not None:
@@ -202,11 +204,10 @@ class ModelWorker:
             process = self._process
             returncode = process.wait() if process is not None else None
             conn.close()
-            if self._closing:
+            if self._closing or not self._crashed(returncode):
                 self._fail_all(WorkerCrashed(f"expert {self.name} is shutting down"))
                 self._ready.set()
                 return
-            self._crashed(returncode)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -242,8 +243,9 @@ class ModelWorker:
         for sink in sinks.values():
             sink(error)
 
-    def _crashed(self, returncode: int | None) -> None:
-        """Fail what was in flight, then start a new child (with safe CPU kernels after a SIGILL)."""
+    def _crashed(self, returncode: int | None) -> bool:
+        """Fail what was in flight, then start a new child (with safe CPU kernels after a kernel fault);
+        False when the expert was closed meanwhile."""
         cause = signal_name(returncode)
         with self._lock:
             self._conn, self._process = None, None
@@ -265,8 +267,11 @@ class ModelWorker:
         if len(self._crash_times) == CRASHES_BEFORE_BACKOFF and now_s - self._crash_times[0] < CRASH_WINDOW_S:
             delay_s = min(MAX_BACKOFF_S, 2.0 ** min(self.restarts, 5))
             log.warning("%s crashed %d times within %.0f s; waiting %.0f s", self.name, CRASHES_BEFORE_BACKOFF, CRASH_WINDOW_S, delay_s)
-            time.sleep(delay_s)
+            self._closed.wait(delay_s)  # close() cuts the wait short
+        if self._closing:
+            return False
         self._start()
+        return True
 
 
 # ---- the child ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from node import catalog
+from node.batching import common_prefix, stop_holdback, utf8_complete
 from node.errors import ExpertFailed
 from node.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
 from tests.direct import direct_llama
@@ -30,6 +31,33 @@ PROMPTS = (
     "Name a famous painter.",
     "Describe the moon.",
 )
+
+
+# ---- pure helpers: what a stream may show ---------------------------------------------------
+
+
+def test_text_that_could_start_a_stop_string_is_held_back() -> None:
+    assert stop_holdback(b"Hello\nQ", (b"\nQ:",)) == 2
+    assert stop_holdback(b"Hello\n", (b"\nQ:", b"\n\n")) == 1
+    assert stop_holdback(b"Hello", (b"\nQ:",)) == 0
+    assert stop_holdback(b"ab", (b"abc", b"b")) == 2  # the longest pending prefix wins
+    assert stop_holdback(b"x", ()) == 0
+
+
+def test_a_split_utf8_character_is_never_shown_half() -> None:
+    text = "caf\u00e9 \U0001f30d".encode()  # a 2-byte and a 4-byte character
+    assert utf8_complete(text, len(text)) == len(text)
+    for cut in range(len(text) - 3, len(text)):
+        assert utf8_complete(text, cut) == len(text) - 4
+    assert utf8_complete(text, 4) == 3  # inside the \u00e9
+    assert utf8_complete(b"", 0) == 0
+    assert utf8_complete(b"\x80\x80", 2) == 2  # not UTF-8 at all: nothing to wait for
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], (1, 2, 4)) == 2
+    assert common_prefix([], (1,)) == 0
+    assert common_prefix([1, 2], (1, 2)) == 2
 
 
 def _model(name: str = "smollm2-135m") -> catalog.ModelFile:
@@ -282,3 +310,17 @@ def test_a_crashed_worker_ends_its_stream_with_an_error_and_restarts(crash_node:
         # After an illegal instruction the worker runs without llama.cpp's repacked CPU kernels.
         health = asyncio.run(_health(crash_node.url))
         assert health["experts"][0]["safe_cpu_kernels"] is True
+
+
+def test_load_features_show_running_waiting_and_speed_only_when_present() -> None:
+    from bandit.features import ExpertFeatures, action_line
+
+    idle = ExpertFeatures(expert_id="e@1", node_id="n", family="llama", params="135M", quantization="Q4_1")
+    busy = ExpertFeatures(
+        expert_id="e@1", node_id="n", family="llama", params="135M", quantization="Q4_1",
+        queue_depth=10, running=8, waiting=2, tokens_per_s=70.0,
+    )
+    assert " run:" not in action_line(idle) and " wait:" not in action_line(idle) and " tps:" not in action_line(idle)
+    line = action_line(busy)
+    assert " run:2.197" in line and " wait:1.099" in line and " tps:4.263" in line
+    assert ExpertFeatures.from_dict(busy.to_dict()) == busy
