@@ -158,8 +158,9 @@ class ModelWorker:
     def submit(self, request: SlotRequest, sink: Sink) -> None:
         """Send a request to the child; its events go to `sink` (called on the reader thread)."""
         with self._lock:
-            if self._conn is None:
-                raise WorkerCrashed(f"the worker of {self.name} is restarting")
+            if self._conn is None or self._closing:
+                state = "out of service" if self._closing else "restarting"
+                raise WorkerCrashed(f"the worker of {self.name} is {state}")
             self._sinks[request.request_id] = sink
             try:
                 self._conn.send(("gen", request))
@@ -262,6 +263,11 @@ class ModelWorker:
         if kernel_fault and not self._config.safe_cpu_kernels:
             log.warning("%s: %s in llama.cpp's CPU kernels; restarting with safe CPU kernels", self.name, cause)
             self._config = WorkerConfig(**{**self._config.__dict__, "safe_cpu_kernels": True})
+        elif self._steps_since_start < 0:
+            # It died loading or warming up, with nothing left to change: another start would do the same.
+            log.error("the worker of %s cannot start (%s); the expert is out of service", self.name, cause)
+            self._closing = True
+            return False
         now_s = time.monotonic()
         self._crash_times.append(now_s)
         if len(self._crash_times) == CRASHES_BEFORE_BACKOFF and now_s - self._crash_times[0] < CRASH_WINDOW_S:
