@@ -47,6 +47,7 @@ class Done:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens not decoded again: their cells were kept from an earlier request
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class _Slot:
     out: bytearray = field(default_factory=bytearray)
     sent: int = 0  # bytes of `out` already shown
     completion_tokens: int = 0
+    reused: int = 0  # prompt tokens taken from the slot's cache
     logits_index: int = -1  # where this slot's logits are in the last batch, -1 when none
 
 
@@ -280,6 +282,7 @@ class BatchScheduler:
                 keep = min(common_prefix(slot.cached, head.prompt), len(head.prompt) - 1)
             self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
             slot.cached = list(head.prompt[:keep])
+            slot.reused = keep
             slot.pending = list(head.prompt[keep:])
             slot.request = head
             slot.stops = tuple(s.encode("utf-8") for s in head.stops if s)
@@ -368,7 +371,7 @@ class BatchScheduler:
             text = slot.out[slot.sent : end].decode("utf-8", errors="ignore")
             if text:
                 events.append(TextOut(request.request_id, text))
-        events.append(Done(request.request_id, reason, len(request.prompt), slot.completion_tokens))
+        events.append(Done(request.request_id, reason, len(request.prompt), slot.completion_tokens, slot.reused))
         # A solo run leaves nothing behind, so the next solo run starts from the same clean state.
         self._release(slot, keep_cells=not request.solo)
         return events

@@ -79,6 +79,7 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cells were reused from an earlier request
 
 
 GenerationEvent = Delta | Finished
@@ -251,7 +252,7 @@ class LocalExpert:
                     yield Delta(item.text)
                 elif isinstance(item, Done):
                     ended = True
-                    yield Finished(item.finish_reason, item.prompt_tokens, item.completion_tokens)
+                    yield Finished(item.finish_reason, item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                     break
                 elif isinstance(item, Failed):
                     ended = True

@@ -324,3 +324,18 @@ def test_load_features_show_running_waiting_and_speed_only_when_present() -> Non
     line = action_line(busy)
     assert " run:2.197" in line and " wait:1.099" in line and " tps:4.263" in line
     assert ExpertFeatures.from_dict(busy.to_dict()) == busy
+
+
+@pytest.mark.model
+def test_a_continuing_conversation_reuses_its_prompt_cells(expert: LocalExpert) -> None:
+    first = [ChatMessage("user", "Name three rivers in Europe.")]
+    tokens, stops = expert.tokenize_chat(first)
+    greedy = GenerationParams(max_tokens=24, temperature=0.0)
+    answer, finished = asyncio.run(_collect(expert, tokens, stops, greedy))
+    second = [*first, ChatMessage("assistant", answer), ChatMessage("user", "Which one is the longest?")]
+    next_tokens, _ = expert.tokenize_chat(second)
+    _, next_finished = asyncio.run(_collect(expert, next_tokens, stops, greedy))
+    # The whole first prompt comes from the slot's cells; only the answer (as re-tokenized) and the new turn
+    # are decoded again.
+    assert next_finished.cached_tokens >= len(tokens), (next_finished.cached_tokens, len(tokens))
+    assert next_finished.cached_tokens < len(next_tokens)
