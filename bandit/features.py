@@ -80,6 +80,9 @@ class ExpertFeatures:
     latency_ms_avg: float | None = None
     queue_depth: int = 0
     local: bool = True
+    running: int = 0  # requests holding a sequence slot
+    waiting: int = 0  # requests queued for a slot: the part of the queue that costs time
+    tokens_per_s: float | None = None  # all slots together, recently (local) or as judged (remote)
 
     def __post_init__(self) -> None:
         # A read-only copy, so a caller's later edits cannot change a logged decision.
@@ -97,6 +100,9 @@ class ExpertFeatures:
                 self.latency_ms_avg,
                 self.queue_depth,
                 self.local,
+                self.running,
+                self.waiting,
+                self.tokens_per_s,
             )
         )
 
@@ -124,6 +130,9 @@ class ExpertFeatures:
             "latency_ms_avg": self.latency_ms_avg,
             "queue_depth": self.queue_depth,
             "local": self.local,
+            "running": self.running,
+            "waiting": self.waiting,
+            "tokens_per_s": self.tokens_per_s,
         }
 
     @classmethod
@@ -139,6 +148,9 @@ class ExpertFeatures:
             latency_ms_avg=data.get("latency_ms_avg"),
             queue_depth=int(data.get("queue_depth", 0)),
             local=bool(data.get("local", True)),
+            running=int(data.get("running", 0)),
+            waiting=int(data.get("waiting", 0)),
+            tokens_per_s=data.get("tokens_per_s"),
         )
 
 
@@ -337,4 +349,12 @@ def _action_base(expert: ExpertFeatures) -> str:
         # Log scale: latencies span 10 ms to minutes and a linear value would dominate.
         latency = f"lat:{_num(math.log1p(max(0.0, expert.latency_ms_avg) / 1000.0))}"
     load = f"{latency} queue:{_num(math.log1p(max(0, expert.queue_depth)))}"
+    # Batching: running requests share the slots, waiting ones wait; both only when present, so an idle
+    # expert's line is what it was before slots existed.
+    if expert.running > 0:
+        load += f" run:{_num(math.log1p(expert.running))}"
+    if expert.waiting > 0:
+        load += f" wait:{_num(math.log1p(expert.waiting))}"
+    if expert.tokens_per_s is not None and math.isfinite(expert.tokens_per_s) and expert.tokens_per_s > 0:
+        load += f" tps:{_num(math.log1p(expert.tokens_per_s))}"
     return f"|a {identity} |s {scores} |l {load}" if scores else f"|a {identity} |l {load}"

@@ -52,6 +52,7 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
             n_gpu_layers=settings.n_gpu_layers,
             queue_size=settings.queue_size,
             safe_cpu_kernels=verdict.safe_cpu_kernels,
+            parallel=settings.parallel,
         )
         if expert.spec.id in seen:
             log.warning("model %s is configured twice; serving it once", expert.spec.id)

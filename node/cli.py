@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="llama.cpp without AMX/repacked kernels: auto (default: a self-check decides), true, false",
     )
     start.add_argument("--queue-size", type=int, help="requests waiting per expert before 429 (default 8)")
+    start.add_argument("--parallel", type=int, help="sequence slots per expert, decoded together (default 8 with a GPU, 4 on a CPU)")
     start.add_argument("--peer", action="append", dest="peers", help="bootstrap peer URL (repeatable)")
     start.add_argument("--no-mdns", action="store_false", dest="mdns", default=None, help="do not use mDNS")
     start.add_argument(
@@ -163,6 +164,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "n_gpu_layers": args.n_gpu_layers,
         "queue_size": args.queue_size,
         "safe_cpu_kernels": args.safe_cpu_kernels,
+        "parallel": args.parallel,
         "log_level": args.log_level,
         "peers": tuple(args.peers) if args.peers else None,
         "mdns": args.mdns,

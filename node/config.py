@@ -37,7 +37,8 @@ class Settings:
     n_gpu_layers: int = -1  # -1: every layer, when llama.cpp was built with GPU offload
     # "auto": a child-process self-check decides (node/selfcheck.py); true/false force safe CPU kernels on or off.
     safe_cpu_kernels: str | bool = "auto"
-    queue_size: int = 8  # requests waiting per expert, beyond the one running
+    queue_size: int = 8  # requests waiting per expert, beyond those holding a slot
+    parallel: int | None = None  # sequence slots per expert (continuous batching); None: 8 with a GPU, 4 on a CPU
     max_body_bytes: int = 1 << 20
     max_tokens_default: int = 512
     log_level: str = "INFO"
@@ -86,6 +87,7 @@ _INT_FIELDS = {
     "n_threads",
     "n_gpu_layers",
     "queue_size",
+    "parallel",
     "max_body_bytes",
     "max_tokens_default",
     "judge_items_per_dimension",
@@ -198,6 +200,8 @@ def load_settings(
         raise InvalidRequest(f"port must be 0..65535, got {settings.port}", param="port")
     if settings.queue_size < 0:
         raise InvalidRequest("queue_size must be >= 0", param="queue_size")
+    if settings.parallel is not None and not 1 <= settings.parallel <= 64:
+        raise InvalidRequest("parallel must be 1..64 sequence slots", param="parallel")
     if not settings.models:
         raise InvalidRequest("at least one model is needed", param="models")
     return settings

@@ -1,21 +1,23 @@
-"""Local expert pool: one llama.cpp model per expert, one worker thread each, a bounded queue in front."""
+"""Local expert pool: one llama.cpp model per expert in its own worker process, slots plus a bounded queue in front."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import threading
+import math
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Literal, NewType, Sequence
 
 import jinja2
 
+from node.batching import Done, Failed, SlotRequest, StepEvent, TextOut
 from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
-from node.native import load_llama
+from node.worker import ModelWorker, WorkerConfig, WorkerCrashed
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class GenerationParams:
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Run alone in a clean slot, so the output is exactly a one-sequence llama.cpp run's (judging uses it).
+    solo: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cells were reused from an earlier request
 
 
 GenerationEvent = Delta | Finished
@@ -102,16 +107,18 @@ def completion_prompt(messages: Sequence[ChatMessage]) -> str:
 
 
 class LocalExpert:
-    """One loaded model with its own worker thread and a bounded admission count."""
+    """One model served by its own worker process with continuous batching, and a bounded admission count."""
 
-    def __init__(self, spec: ExpertSpec, llama: object, queue_size: int) -> None:
+    def __init__(self, spec: ExpertSpec, tokenizer: object, worker: ModelWorker, queue_size: int) -> None:
         self.spec = spec
-        self._llama = llama
+        self._tokenizer = tokenizer  # a vocab-only llama.cpp model: prompts are tokenized here, not in the worker
+        self._worker = worker
         self._queue_size = queue_size
+        self.parallel = worker.info.parallel if worker.info is not None else 1
         self._pending = 0  # running + waiting; touched only on the event loop
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{spec.name}")
-        self._chat_formatter = _chat_formatter(llama) if spec.prompt_style == "chat" else None
+        self._chat_formatter = _chat_formatter(tokenizer) if spec.prompt_style == "chat" else None
         self._recent_s: list[float] = []
+        self._ids = itertools.count(1)
 
     @property
     def queue_depth(self) -> int:
@@ -119,24 +126,55 @@ class LocalExpert:
         return self._pending
 
     @property
+    def running(self) -> int:
+        """Admitted requests holding a sequence slot."""
+        return min(self._pending, self.parallel)
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests waiting for a slot."""
+        return max(0, self._pending - self.parallel)
+
+    @property
     def capacity(self) -> int:
-        """Most requests admitted at once: one running plus the queue."""
-        return 1 + self._queue_size
+        """Most requests admitted at once: one per slot plus the queue."""
+        return self.parallel + self._queue_size
+
+    @property
+    def restarts(self) -> int:
+        """How often the worker process was restarted after dying."""
+        return self._worker.restarts
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process id (None while it restarts)."""
+        return self._worker.pid
+
+    @property
+    def safe_cpu_kernels(self) -> bool:
+        """Whether the worker runs without llama.cpp's repacked CPU kernels."""
+        info = self._worker.info
+        return bool(info and info.safe_cpu_kernels)
+
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second by all slots together, over the last seconds of work."""
+        return self._worker.tokens_per_s()
 
     def average_request_s(self) -> float | None:
         """Mean duration of the last requests, None before the first."""
         return sum(self._recent_s) / len(self._recent_s) if self._recent_s else None
 
     def retry_after_s(self) -> int:
-        """A hint for a refused client: about how long the queue takes to drain."""
+        """A hint for a refused client: about when the requests ahead of it have got a slot and finished."""
         average_s = self.average_request_s()
         average_s = 1.0 if average_s is None else average_s
-        return max(1, round(average_s * max(1, self._pending) / 2))
+        # Slots drain in parallel: the waiting requests need waiting/parallel rounds, plus one for this one.
+        return max(1, math.ceil(average_s * (self.waiting + 1) / self.parallel))
 
     def close(self) -> None:
-        """Stop the worker and free the model."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        close = getattr(self._llama, "close", None)
+        """Stop the worker process and free the tokenizer."""
+        self._worker.close()
+        close = getattr(self._tokenizer, "close", None)
         if close is not None:
             close()
 
@@ -148,17 +186,17 @@ class LocalExpert:
             except jinja2.TemplateError as exc:
                 # Templates reject some conversations (roles out of order, say): the client's to fix.
                 raise InvalidRequest(f"the expert's chat template refused these messages: {exc}", param="messages") from exc
-            tokens = self._llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+            tokens = self._tokenizer.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
             stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
             return tokens, tuple(stops)
         return self.tokenize_text(completion_prompt(messages)), COMPLETION_STOPS
 
     def tokenize_text(self, prompt: str) -> list[int]:
         """Prompt tokens for a raw completion prompt."""
-        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        return self._tokenizer.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
 
     def admit(self) -> None:
-        """Take a place in the queue or refuse at once with 429."""
+        """Take a place (a slot or the queue) or refuse at once with 429."""
         if self._pending >= self.capacity:
             raise ExpertBusy(
                 f"expert {self.spec.id} is busy ({self._pending} requests in flight); retry later",
@@ -182,68 +220,52 @@ class LocalExpert:
                 f"the prompt is {len(prompt_tokens)} tokens; expert {self.spec.id} has a context of {n_ctx}",
                 param="messages",
             )
-        max_tokens = min(params.max_tokens, n_ctx - len(prompt_tokens))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
-        stops = list(dict.fromkeys([*params.stop, *style_stops]))
+        events: asyncio.Queue[StepEvent | WorkerCrashed] = asyncio.Queue()
 
-        def emit(item: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        def run() -> None:
-            started_s = time.perf_counter()
-            if cancelled.is_set():
-                return
-            from llama_cpp import StoppingCriteriaList
-
+        def sink(event: StepEvent | WorkerCrashed) -> None:
             try:
-                texts: list[str] = []
-                finish_reason = "length"
-                chunks = self._llama.create_completion(
-                    prompt=prompt_tokens,
-                    max_tokens=max_tokens,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    stop=stops,
-                    seed=params.seed,
-                    stream=True,
-                    stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: cancelled.is_set()]),
-                )
-                for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    if choice["text"]:
-                        texts.append(choice["text"])
-                        emit(Delta(choice["text"]))
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                text = "".join(texts)
-                # llama.cpp's stream carries no usage; a length stop is exactly max_tokens, else count the text.
-                if finish_reason == "length":
-                    completion_tokens = max_tokens
-                else:
-                    completion_tokens = len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-                emit(Finished(finish_reason, len(prompt_tokens), completion_tokens))
-            except Exception as exc:  # noqa: BLE001 - any llama.cpp failure is reported to the waiting client
-                log.exception("expert %s failed", self.spec.id)
-                emit(ExpertFailed(f"expert {self.spec.id} failed: {type(exc).__name__}"))
-            finally:
-                self._recent_s = [*self._recent_s[-19:], time.perf_counter() - started_s]
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:
+                pass  # the loop that asked is gone; nobody is listening
 
-        future = loop.run_in_executor(self._executor, run)
+        request = SlotRequest(
+            request_id=next(self._ids),
+            prompt=tuple(prompt_tokens),
+            max_tokens=min(params.max_tokens, n_ctx - len(prompt_tokens)),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stops=tuple(dict.fromkeys([*params.stop, *style_stops])),
+            solo=params.solo,
+        )
+        started_s = time.perf_counter()
+        try:
+            self._worker.submit(request, sink)
+        except WorkerCrashed as exc:
+            raise ExpertFailed(f"expert {self.spec.id} failed: {exc}") from exc
+        ended = False
         try:
             while True:
                 item = await events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
+                if isinstance(item, TextOut):
+                    yield Delta(item.text)
+                elif isinstance(item, Done):
+                    ended = True
+                    yield Finished(item.finish_reason, item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                     break
+                elif isinstance(item, Failed):
+                    ended = True
+                    log.error("expert %s failed: %s", self.spec.id, item.message)
+                    raise ExpertFailed(f"expert {self.spec.id} failed: {item.message}")
+                else:
+                    ended = True
+                    raise ExpertFailed(str(item))
         finally:
-            # A client that went away frees the worker at the next token instead of at max_tokens.
-            cancelled.set()
-            if not future.done():
-                await asyncio.shield(future)
+            if not ended:
+                # A client that went away frees its slot before the next decode step.
+                self._worker.cancel(request.request_id)
+            self._recent_s = [*self._recent_s[-19:], time.perf_counter() - started_s]
 
 
 class ExpertPool:
@@ -295,6 +317,31 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def default_parallel(kv_bytes_per_token: int, n_ctx: int, *, gpu: bool) -> int:
+    """Slots for this machine: 8 with GPU offload, 4 on a CPU, fewer when their KV cache would pass 1/8 of RAM."""
+    wanted = 8 if gpu else 4
+    try:
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return wanted
+    per_slot = max(1, kv_bytes_per_token * n_ctx)
+    return max(1, min(wanted, ram_bytes // 8 // per_slot))
+
+
+def kv_bytes_per_token(metadata: dict) -> int:
+    """f16 K and V bytes per token of one sequence, from the GGUF header (0 when unknown)."""
+    arch = metadata.get("general.architecture", "")
+    try:
+        n_layer = int(metadata[f"{arch}.block_count"])
+        n_head = int(metadata[f"{arch}.attention.head_count"])
+        n_head_kv = int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+        key_length = int(metadata.get(f"{arch}.attention.key_length", int(metadata[f"{arch}.embedding_length"]) // n_head))
+        value_length = int(metadata.get(f"{arch}.attention.value_length", key_length))
+    except (KeyError, ValueError, ZeroDivisionError):
+        return 0
+    return n_layer * n_head_kv * (key_length + value_length) * 2
+
+
 def load_expert(
     model: ModelFile,
     *,
@@ -302,24 +349,35 @@ def load_expert(
     n_threads: int | None,
     n_gpu_layers: int,
     queue_size: int,
+    parallel: int | None = None,
     safe_cpu_kernels: bool = False,
 ) -> LocalExpert:
-    """Load a pulled or local GGUF with llama.cpp (blocking: call it off the event loop)."""
+    """Start a worker process for a pulled or local GGUF and wait until it has loaded (blocking)."""
+    from llama_cpp import Llama
+
     name, path, sha256 = model.name, model.path, model.sha256
     entry = CATALOG.get(name)
-
     started_s = time.perf_counter()
-    llama = load_llama(
-        str(path),
-        safe_cpu_kernels=safe_cpu_kernels,
+    # Only the vocabulary: tokenizing and chat templates stay in this process, the weights live in the worker.
+    tokenizer = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    gpu = gpu_offload_supported() and n_gpu_layers != 0
+    kv_per_token = kv_bytes_per_token(tokenizer.metadata)
+    slots = parallel if parallel else default_parallel(kv_per_token, n_ctx, gpu=gpu)
+    config = WorkerConfig(
+        model_path=str(path),
         n_ctx=n_ctx,
+        parallel=slots,
         n_threads=n_threads,
-        # Prompt processing gets the same threads: llama.cpp's default (every core) spins against
-        # other processes on a shared machine and collapses throughput.
-        n_threads_batch=n_threads,
         n_gpu_layers=n_gpu_layers if gpu_offload_supported() else 0,
-        verbose=False,
+        safe_cpu_kernels=safe_cpu_kernels,
     )
+    worker = ModelWorker(expert_id_for(name, sha256), config)
+    try:
+        info = worker.wait_ready()
+    except RuntimeError:
+        worker.close()
+        tokenizer.close()
+        raise
     spec = ExpertSpec(
         id=expert_id_for(name, sha256),
         name=name,
@@ -328,17 +386,20 @@ def load_expert(
         size_bytes=model.size_bytes,
         family=model.family,
         quantization=model.quantization,
-        prompt_style=detect_prompt_style(llama.metadata),
-        n_ctx=llama.n_ctx(),
+        prompt_style=detect_prompt_style(tokenizer.metadata),
+        n_ctx=info.n_ctx,
         params=entry.params if entry is not None else None,
     )
     log.info(
-        "expert %s loaded in %.1f s (%s prompts, n_ctx %d, gpu offload %s%s)",
+        "expert %s loaded in %.1f s by worker %d (%s prompts, %d slots x %d tokens, KV %.0f MB, gpu offload %s%s)",
         spec.id,
         time.perf_counter() - started_s,
+        info.pid,
         spec.prompt_style,
-        spec.n_ctx,
-        "all layers" if gpu_offload_supported() and n_gpu_layers != 0 else "off",
+        info.parallel,
+        info.n_ctx,
+        info.parallel * info.n_ctx * info.kv_bytes_per_token / 1e6,
+        "all layers" if gpu else "off",
         ", safe CPU kernels" if safe_cpu_kernels else "",
     )
-    return LocalExpert(spec, llama, queue_size)
+    return LocalExpert(spec, tokenizer, worker, queue_size)

@@ -20,6 +20,10 @@ class NodeMetrics:
     time_to_first_token: Histogram
     queue_depth: Gauge
     rejected: Counter
+    running: Gauge
+    waiting: Gauge
+    tokens_per_s: Gauge
+    worker_restarts: Gauge
 
 
 def create_metrics() -> NodeMetrics:
@@ -50,5 +54,19 @@ def create_metrics() -> NodeMetrics:
         ),
         rejected=Counter(
             "expertmesh_rejected", "Requests refused because an expert was busy", ["expert"], registry=registry
+        ),
+        running=Gauge("expertmesh_running", "Requests holding a sequence slot, by expert", ["expert"], registry=registry),
+        waiting=Gauge("expertmesh_waiting", "Requests waiting for a sequence slot, by expert", ["expert"], registry=registry),
+        tokens_per_s=Gauge(
+            "expertmesh_tokens_per_second",
+            "Tokens generated per second by all of an expert's slots, over the last 10 s of work",
+            ["expert"],
+            registry=registry,
+        ),
+        worker_restarts=Gauge(
+            "expertmesh_worker_restarts",
+            "Times an expert's inference worker process died and was restarted",
+            ["expert"],
+            registry=registry,
         ),
     )

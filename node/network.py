@@ -131,6 +131,7 @@ class Network:
                 queue_size=e.capacity - 1,
                 tokens_per_s=self.claimed_tokens_per_s(e.spec.id),
                 cards=tuple(self.card_extras(e.spec.id)),
+                parallel=e.parallel,
             )
             for e in self._pool
         )

@@ -263,6 +263,9 @@ class Router:
                 latency_ms_avg=None if average_s is None else average_s * 1000,
                 queue_depth=expert.queue_depth,
                 local=True,
+                running=expert.running,
+                waiting=expert.waiting,
+                tokens_per_s=expert.tokens_per_s() or None,
             )
             found.append(Candidate(features, spec.sha256, spec.name, local=expert))
         for remote in self._network.remote_experts():
@@ -277,6 +280,9 @@ class Router:
                 latency_ms_avg=remote.peer.rtt_ms,
                 queue_depth=info.queue_depth,
                 local=False,
+                running=min(info.queue_depth, info.parallel),
+                waiting=max(0, info.queue_depth - info.parallel),
+                tokens_per_s=info.tokens_per_s,
             )
             found.append(Candidate(features, info.sha256, info.name, remote=remote))
         return [c for c in found if _allowed(c, self._node_constraints) and _allowed(c, constraints)]

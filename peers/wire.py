@@ -132,6 +132,8 @@ class ExpertInfo(WireRecord):
     tokens_per_s: float | None = _wire(min_value=0.0)
     # Opaque signed capability cards, verified by whoever reads them.
     cards: tuple[bytes, ...] = _wire((), max_len=16, item=Limit(max_len=4096))
+    # Sequence slots decoded together; a peer that predates batching runs one request at a time.
+    parallel: int = _wire(1, min_value=1, max_value=256)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def summarize_run(
 async def ask_expert(expert: LocalExpert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
     """One greedy answer from a local expert to `prompt` as a single user message."""
     tokens, stops = expert.tokenize_chat([ChatMessage("user", prompt)])
-    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
+    # Solo: a clean one-sequence run, so a card is reproducible whatever else the expert serves meanwhile.
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed, solo=True)
     expert.admit()
     started_s = time.perf_counter()
     ttft_s: float | None = None
