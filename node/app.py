@@ -16,7 +16,8 @@ import ifaddr
 from aiohttp import web
 
 from node import api, catalog, peer_api, web_routes
-from node.access import RateLimiter, access_middleware, resolve_api_key
+from node.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
+from node.peer_guard import peer_guard_middleware
 from node.config import Settings
 from node.errors import NodeError
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
@@ -65,8 +66,16 @@ async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+preloaded_experts_key = web.AppKey("preloaded_experts", list)
+
+
 async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.settings_key]
+    if preloaded_experts_key in app:
+        # Experts built by the caller (tests of the network layer that need no model); owned by the caller.
+        app[api.pool_key] = ExpertPool(app[preloaded_experts_key])
+        yield
+        return
     if gpu_offload_supported():
         log.info("llama.cpp has GPU offload; n_gpu_layers=%d", settings.n_gpu_layers)
     else:
@@ -85,7 +94,13 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     secret = settings.community_secret.encode() if settings.community_secret else None
     store = PeerStore(settings.data_dir / "peers.db")
     async with aiohttp.ClientSession() as session:
-        client = PeerClient(session, secret=secret, idle_timeout_s=settings.peer_idle_timeout_s)
+        client = PeerClient(
+            session,
+            identity=app[identity_key],
+            secret=secret,
+            idle_timeout_s=settings.peer_idle_timeout_s,
+            stream_deadline_s=settings.peer_stream_deadline_s,
+        )
         app[api.peer_client_key] = client
         app[api.network_key] = Network(settings, app[identity_key], app[api.pool_key], client, store)
         try:
@@ -144,8 +159,8 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         await router.close()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Compose the node's application."""
+def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) -> web.Application:
+    """Compose the node's application (with `experts` given, those are served instead of loading models)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     api_key = resolve_api_key(settings.api_key, settings.require_api_key, settings.host, settings.data_dir)
@@ -156,9 +171,17 @@ def create_app(settings: Settings) -> web.Application:
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[api.error_middleware, api.metrics_middleware, access],
+        middlewares=[
+            api.error_middleware,
+            api.metrics_middleware,
+            host_guard_middleware(allowed_hosts(settings.host, settings.advertise_urls)),
+            access,
+            peer_guard_middleware(lambda a: a[identity_key], settings.community_secret.encode() if settings.community_secret else None),
+        ],
     )
     app[api.settings_key] = settings
+    if experts is not None:
+        app[preloaded_experts_key] = list(experts)
     app[api.metrics_key] = create_metrics()
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
