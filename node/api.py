@@ -297,7 +297,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         target = resolve_target(app, body.model)
         if isinstance(target, LocalExpert):
-            prompt_tokens, stops = target.tokenize_chat(messages)
+            prompt_tokens, stops = await asyncio.to_thread(target.tokenize_chat, messages)
             generation = start_generation(app, target, prompt_tokens, stops, params)
         else:
             generation = forward_generation(app, target, messages, params)
@@ -314,7 +314,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
             param="model",
         )
-    prompt_tokens = target.tokenize_text(body.prompt_text())
+    prompt_tokens = await asyncio.to_thread(target.tokenize_text, body.prompt_text())
     if not prompt_tokens:  # refused before taking a queue place (generate checks it again for chat)
         raise InvalidRequest("the prompt is empty", param="prompt")
     params = generation_params(body, app[settings_key])
@@ -513,7 +513,7 @@ async def router_stats(request: web.Request) -> web.Response:
 async def list_experts(request: web.Request) -> web.Response:
     """`GET /v1/experts`: every known expert with its capability cards by judge, flags and live figures."""
     judging = request.app[judging_key]
-    rows = await asyncio.to_thread(judging.experts_view)
+    rows = judging.experts_view()  # in-memory, verified once: cheap enough for the loop
     return web.json_response({"object": "list", "data": rows})
 
 

@@ -123,6 +123,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         items_per_dimension=settings.judge_items_per_dimension,
         judge_expert=settings.judge_expert,
         spot_check_interval_s=settings.spot_check_interval_s,
+        trusted_judges=settings.trusted_judges,
     )
     network.card_extras = judging.hello_cards
     network.on_peer_card = judging.accept_node_card
@@ -142,6 +143,7 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         exclude=settings.denied,
         local_only=settings.local_only,
         min_scores=settings.min_scores,
+        verified_only=settings.verified_only,
     )
     router = Router(
         app[api.pool_key],
@@ -149,7 +151,10 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
-        judged_scores=app[api.judging_key].judged_scores,
+        assess=app[api.judging_key].assessment,
+        unverified_share_max=settings.unverified_share_max,
+        plain_words=settings.ledger_plain_words,
+        retention_days=settings.ledger_retention_days,
     )
     await router.start()
     app[api.router_key] = router
