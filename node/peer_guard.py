@@ -16,9 +16,16 @@ log = logging.getLogger(__name__)
 
 PEER_PREFIX = "/peer/"
 MAX_PEER_BODY_BYTES = 256 << 10
-signer_key = "expertmesh.signer"  # request key: the authenticated auth.Signer
-body_key = "expertmesh.peer_body"  # request key: the body bytes, read once
-_reply_signing_key = "expertmesh.reply_signing"  # request key: (identity, secret) to sign a streamed reply
+_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 has typed request keys
+
+
+def _request_key(name: str, kind: type):
+    return _RequestKey(name, kind) if _RequestKey is not None else name
+
+
+signer_key = _request_key("expertmesh.signer", auth.Signer)  # the authenticated sender
+body_key = _request_key("expertmesh.peer_body", bytes)  # the body bytes, read once
+_reply_signing_key = _request_key("expertmesh.reply_signing", tuple)  # (identity, secret) to sign a streamed reply
 
 
 class Unsupported(NodeError):
