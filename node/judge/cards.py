@@ -401,6 +401,7 @@ def flag_disagreements(cards: Iterable[CapabilityCard]) -> list[Flag]:
 
 MAX_CARDS_PER_MODEL = 32  # a flood of throwaway judges cannot grow the store or slow views past this
 MAX_CARDS_PER_JUDGE = 64
+MAX_CARDS = 4096  # in all: many Sybil owners together cannot grow the store past this either
 _VERIFIED_CACHE = 4096
 
 
@@ -442,6 +443,7 @@ class CardStore:
             for column, value, cap in (
                 ("model_sha256", card.model_sha256, MAX_CARDS_PER_MODEL),
                 ("judge_node_id", card.judge_node_id, MAX_CARDS_PER_JUDGE),
+                ("1", 1, MAX_CARDS),
             ):
                 (count,) = self._db.execute(f"SELECT COUNT(*) FROM capability_cards WHERE {column} = ?", (value,)).fetchone()
                 if count > cap:
