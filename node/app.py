@@ -32,6 +32,9 @@ from peers.identity import NodeIdentity
 log = logging.getLogger(__name__)
 
 identity_key = web.AppKey("identity", NodeIdentity)
+# A connection that has not completed a request within this long is closed (aiohttp starts its
+# keep-alive timer when a connection opens), so slowloris clients cannot hold sockets for minutes.
+IDLE_CONNECTION_TIMEOUT_S = 15.0
 NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and tests can find a port-0 node
 
 
@@ -226,7 +229,7 @@ async def serve(settings: Settings) -> None:
     """Run a node until SIGINT or SIGTERM, then close everything cleanly."""
     app = create_app(settings)
     # Cancel handlers of clients that hang up, so their expert stops generating for nobody.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=IDLE_CONNECTION_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     try:

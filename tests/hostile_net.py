@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from node import api
-from node.app import create_app, identity_key
+from node.app import IDLE_CONNECTION_TIMEOUT_S, create_app, identity_key
 from node.config import Settings
 from node.experts import ExpertSpec, LocalExpert, expert_id_for
 from node.judge.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
@@ -70,7 +70,8 @@ class LiveNode:
 
 
 async def start_live_node(
-    data_dir: Path, experts: Sequence[LocalExpert] = (), *, start_network: bool = True, **settings: Any
+    data_dir: Path, experts: Sequence[LocalExpert] = (), *, start_network: bool = True,
+    idle_connection_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S, **settings: Any,
 ) -> LiveNode:
     """Start a node's app on 127.0.0.1 port 0 with `experts` (no model files); settings override fast defaults."""
     values: dict[str, Any] = dict(
@@ -79,7 +80,9 @@ async def start_live_node(
     )
     values.update(settings)
     app = create_app(Settings(**values), experts=list(experts))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0, keepalive_timeout=idle_connection_timeout_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -370,3 +370,39 @@ async def test_the_ledger_keeps_hashed_words_and_honours_its_retention(tmp_path:
     finally:
         ledger.close()
     print("\nitem 13: ledger.db holds no query word in plain text; retention deleted the decision past the limit")
+
+
+async def test_slowloris_connections_are_closed(tmp_path: Path) -> None:
+    node = await start_live_node(tmp_path / "node", idle_connection_timeout_s=2.0)
+    port = int(node.url.rsplit(":", 1)[1])
+    connections = []
+    try:
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            connections.append((reader, writer))
+        started = time.monotonic()
+
+        async def trickle_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+            while time.monotonic() - started < 10:
+                try:
+                    writer.write(b"a")  # a byte every half second: never a complete request
+                    await writer.drain()
+                    if await asyncio.wait_for(reader.read(1), 0.5) == b"":
+                        return time.monotonic() - started
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                except (ConnectionError, OSError):
+                    return time.monotonic() - started
+            return float("inf")
+
+        closed_after = await asyncio.gather(*(trickle_until_closed(r, w) for r, w in connections))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(node.url + "/healthz") as response:
+                healthy = response.status
+        print(f"\nitem 13: 100 slowloris connections closed by the node after {max(closed_after):.1f} s at most; /healthz {healthy}")
+        assert max(closed_after) < 5 and healthy == 200
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await node.stop()
