@@ -406,3 +406,21 @@ async def test_slowloris_connections_are_closed(tmp_path: Path) -> None:
         for _, writer in connections:
             writer.close()
         await node.stop()
+
+
+async def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
+    node = await start_live_node(tmp_path / "node", [fake_expert("e", SHA)])
+    try:
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for path, body in (
+                ("/v1/chat/completions", b"[" * 5000),
+                ("/v1/completions", b"[" * 5000),
+                ("/v1/chat/completions", b'{"model": "auto", "expertmesh": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001),
+            ):
+                async with session.post(node.url + path, data=body, headers={"Content-Type": "application/json"}) as response:
+                    statuses.append((response.status, (await response.json())["error"]["message"]))
+        print(f"\nitem 6: 5,000 levels of nesting -> {statuses}")
+        assert [s for s, _ in statuses] == [400, 400, 400]
+    finally:
+        await node.stop()

@@ -20,7 +20,7 @@ def test_megabyte_requests_do_not_block_the_loop_and_refusals_leave_no_decision(
     node = start_node(tmp_path / "node", "--model", "smollm2-135m", "--threads", "1")
     try:
         before = get_json(node.url + "/v1/router/stats")["decisions"]
-        words = " ".join(f"word{i} and" for i in range(100_000))[: 1 << 20 - 2048]
+        words = " ".join(f"word{i} and" for i in range(100_000))[: (1 << 20) - 4096]
         body = {"model": "auto", "messages": [{"role": "user", "content": words}], "max_tokens": 4}
 
         async def attack() -> tuple[list[int], float, int]:
