@@ -37,7 +37,7 @@ from node.keys import (
     settings_key,
 )
 from node.network import RemoteExpert
-from node.router import MAX_ROUTING_CHARS, Routed
+from node.router import MAX_ROUTING_CHARS, Routed, routing_text
 from peers.client import PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
@@ -353,8 +353,10 @@ def _split_proposer(app: web.Application, constraints) -> LocalExpert | None:
 
 async def plan_query(app: web.Application, text: str, *, enabled: bool, constraints) -> Plan:
     """Split by rules first; when they find one request, a good enough instruct expert may propose a split."""
-    # A very long message is answered whole: splitting it would cost seconds and help nobody.
-    enabled = enabled and len(text) <= MAX_ROUTING_CHARS
+    if len(text) > MAX_ROUTING_CHARS:
+        # A very long message is answered whole: splitting it would cost seconds and help nobody, and
+        # regexes over a megabyte hold the GIL even in a thread. Its one part is read from its start and end.
+        return plan(routing_text(text), enabled=False)
     query_plan = await asyncio.to_thread(plan, text, enabled=enabled)
     if not enabled or query_plan.compound or not _may_hide_several_requests(text):
         return query_plan
