@@ -15,9 +15,30 @@ from tests.test_peers import FAST, get_json, wait_for
 
 pytestmark = pytest.mark.model
 
+# Until the lead's safe_cpu_kernels (issue 11) lands: this machine's CPU advertises AMX, which the
+# llama.cpp build dies on (SIGILL) at the first generation; the subprocess nodes load without extra buffer types.
+_SAFE_KERNELS = """
+import llama_cpp.llama_cpp as _low
+_original = _low.llama_model_default_params
+def _safe():
+    params = _original()
+    params.use_extra_bufts = False
+    return params
+_low.llama_model_default_params = _safe
+"""
+
+
+def _safe_env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    folder = tmp_path / "safe_kernels"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_SAFE_KERNELS)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
 
 def test_megabyte_requests_do_not_block_the_loop_and_refusals_leave_no_decision(tmp_path: Path) -> None:
-    node = start_node(tmp_path / "node", "--model", "smollm2-135m", "--threads", "1")
+    node = start_node(tmp_path / "node", "--model", "smollm2-135m", "--threads", "1", env=_safe_env(tmp_path))
     try:
         before = get_json(node.url + "/v1/router/stats")["decisions"]
         words = " ".join(f"word{i} and" for i in range(100_000))[: (1 << 20) - 4096]
@@ -55,8 +76,9 @@ def test_megabyte_requests_do_not_block_the_loop_and_refusals_leave_no_decision(
 
 
 def test_a_peer_serving_the_same_model_is_verified_by_a_greedy_probe(tmp_path: Path) -> None:
-    a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--threads", "1", "--spot-check-interval-s", "0.5", *FAST)
-    b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--threads", "1", "--peer", a.url, *FAST)
+    env = _safe_env(tmp_path)
+    a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--threads", "1", "--spot-check-interval-s", "0.5", *FAST, env=env)
+    b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--threads", "1", "--peer", a.url, *FAST, env=env)
     try:
         def remote_row() -> dict | None:
             return next((r for r in get_json(a.url + "/v1/experts")["data"] if r["id"] == SMOLLM2_ID and not r["local"]), None)
