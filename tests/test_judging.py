@@ -15,7 +15,8 @@ from node.judge.stats import summarize
 from peers.identity import NodeIdentity
 from peers.wire import ExpertInfo, Hello, NodeCard, encode, sign_card
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, start_node
-from tests.test_peers import FAST, get_json, model_ids, signed, wait_for
+from tests.test_peers import FAST, get_json, model_ids, wait_for
+from tests.test_peers import signed as signed_headers
 
 DIMENSIONS = {"knowledge", "arithmetic", "translation", "classification", "instruction", "safety", "reasoning"}
 SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -123,7 +124,7 @@ def test_a_tampered_card_in_a_hello_is_dropped(tmp_path: Path) -> None:
 
         async def say_hello() -> int:
             async with aiohttp.ClientSession() as session:
-                headers = signed(liar, "/peer/v1/hello", hello)
+                headers = signed_headers(liar, "/peer/v1/hello", hello)
                 async with session.post(target.url + "/peer/v1/hello", data=hello, headers=headers) as response:
                     return response.status
 
