@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import math
 import re
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
