@@ -285,8 +285,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_body(await read_body(request), ChatCompletionRequest)
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     params = generation_params(body, app[settings_key])
+    constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
     if body.model == AUTO_MODEL:
-        constraints = parse_constraints(body.expertmesh)
         enabled = _decompose_requested(body, app[settings_key])
         query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
         if query_plan.compound:
