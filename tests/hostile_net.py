@@ -94,14 +94,14 @@ async def start_live_node(
 
 def capability_card(
     judge: NodeIdentity, owner: str, expert_id: str, sha256: str, score: float, *, issued_ms: int | None = None,
-    dimensions: Sequence[str] = DIMENSIONS, n: int = 20,
+    dimensions: Sequence[str] = DIMENSIONS, n: int = 20, suite_version: str = SUITE,
 ) -> bytes:
     """A signed capability card from `judge` giving `score` on every dimension."""
     half = 0.05 if 0 < score < 1 else 0.0
     scores = tuple(DimensionScore(d, score, n, max(0.0, score - half), min(1.0, score + half)) for d in sorted(dimensions))
     card = CapabilityCard(
         expert_id=expert_id, model_sha256=sha256, scores=scores, performance=Performance(40.0, 50.0, 2048),
-        suite_version=SUITE, suite_digest="0" * 64, judge_node_id=judge.node_id, judge_public_key=judge.public_key_raw,
+        suite_version=suite_version, suite_digest="0" * 64, judge_node_id=judge.node_id, judge_public_key=judge.public_key_raw,
         owner_node_id=owner, issued_ms=int(time.time() * 1000) if issued_ms is None else issued_ms, sample="full",
     )
     return encode_signed_card(sign_capability_card(card, judge))
