@@ -253,11 +253,6 @@ class Network:
             and not self.trust_of(node_id).distrusted
         )
 
-    def public_key_of(self, node_id: str) -> bytes | None:
-        """The key a verified peer's card names, to check its replies against."""
-        peer = self.table.peers.get(node_id)
-        return peer.card.public_key if peer is not None and peer.card is not None else None
-
     def exchange_reply(self, max_peers: int) -> PeersReply:
         """The peers we know to be alive, for peer exchange."""
         limit = min(max_peers, EXCHANGE_LIMIT)
