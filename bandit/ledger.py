@@ -252,6 +252,32 @@ class Ledger:
                 ),
             )
 
+    def forget(self, decision_id: DecisionId) -> bool:
+        """Delete an unrated decision (a request refused before anything was answered); True when deleted."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM decisions WHERE decision_id = ? AND decision_id NOT IN (SELECT decision_id FROM rewards)",
+                (decision_id,),
+            )
+            return cursor.rowcount > 0
+
+    def delete_older_than(self, cutoff_ms: int) -> int:
+        """Delete decisions (with their rewards and groups) created before `cutoff_ms`; the retention limit."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "DELETE FROM rewards WHERE decision_id IN (SELECT decision_id FROM decisions WHERE created_ms < ?)",
+                    (cutoff_ms,),
+                )
+                deleted = self._conn.execute("DELETE FROM decisions WHERE created_ms < ?", (cutoff_ms,)).rowcount
+                self._conn.execute("DELETE FROM groups WHERE created_ms < ?", (cutoff_ms,))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return deleted
+
     def record_group(self, group: DecisionGroup) -> None:
         """Log the decisions that answered the parts of one decomposed query, under one id and token."""
         with self._lock:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from node.errors import RateLimited, Unauthorized
+from node.errors import Forbidden, NodeError, RateLimited, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +35,95 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+MIN_API_KEY_CHARS = 1  # an empty key must never compare equal to an empty header
+
+
+class AccessError(NodeError):
+    """The API key cannot be read or written."""
+
+
 def resolve_api_key(configured: str | None, required: bool | None, host: str, data_dir: Path) -> str | None:
     """The key the user API demands, or None when it is open.
 
     `required=None` means: required exactly when the API listens beyond loopback. A required key
-    that is not configured is created once in the data dir (mode 0600) and reused.
+    that is not configured is created once in the data dir (mode 0600) and reused. A key file that
+    is empty (a crash mid-write, a careless edit) never means "no key": it is replaced
+    by a fresh key, with a warning.
     """
-    if configured:
-        return configured
+    if configured is not None:
+        if len(configured.strip()) < MIN_API_KEY_CHARS:
+            raise AccessError("the configured api_key is empty; refusing to start with authentication silently off")
+        return configured.strip()
     if required is False or (required is None and is_loopback_host(host)):
         return None
     path = data_dir / API_KEY_FILE
-    if path.exists():
-        return path.read_text().strip()
+    try:
+        existing = path.read_text(encoding="utf-8").strip() if path.exists() else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AccessError(f"cannot read the API key file {path}: {exc}") from exc
+    if existing is not None and len(existing) >= MIN_API_KEY_CHARS:
+        return existing
+    if existing is not None:
+        log.warning("the API key file %s was empty: replaced it with a new key", path)
     key = "em-" + secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key + "\n")
+    try:
+        write_private_atomically(path, (key + "\n").encode())
+    except OSError as exc:
+        raise AccessError(f"cannot write the API key file {path}: {exc}") from exc
     log.warning("the user API listens on %s: created an API key in %s (send it as 'Authorization: Bearer ...')", host, path)
     return key
+
+
+def write_private_atomically(path: Path, data: bytes) -> None:
+    """Write a mode-0600 file so that a crash leaves either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must reach the disk too
+    finally:
+        os.close(dir_fd)
+
+
+def allowed_hosts(bind_host: str, advertise_urls: tuple[str, ...] = ()) -> frozenset[str] | None:
+    """Host header values a loopback-bound node answers to; None (any) when it listens beyond loopback."""
+    if not is_loopback_host(bind_host):
+        return None
+    from urllib.parse import urlsplit
+
+    names = {"localhost", "127.0.0.1", "::1", bind_host.lower()}
+    names |= {(urlsplit(u).hostname or "").lower() for u in advertise_urls}
+    return frozenset(n for n in names if n)
+
+
+def _host_name(header: str) -> str:
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def host_guard_middleware(hosts: frozenset[str] | None):
+    """On loopback, refuse requests naming a foreign Host: a web page that rebinds DNS to 127.0.0.1 cannot reach us."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        header = request.headers.get("Host")
+        if hosts is not None and header is not None:
+            name = _host_name(header)
+            if name not in hosts and not name.startswith("127."):
+                raise Forbidden(f"this node answers to localhost only, not to Host {header[:80]!r}")
+        return await handler(request)
+
+    return middleware
 
 
 @dataclass
@@ -108,7 +178,9 @@ def access_middleware(api_key: str | None, user_limiter: RateLimiter, peer_limit
         if api_key is not None and not is_peer and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = request.headers.get("Authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
+            # Header bytes that are not ASCII arrive as surrogates: no key has them, so they simply do not match.
+            token_bytes = token.encode("utf-8", "surrogateescape") if token.isascii() else b""
+            if not token_bytes or not hmac.compare_digest(token_bytes, api_key.encode()):
                 raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
         return await handler(request)
 

@@ -286,8 +286,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_body(await read_body(request), ChatCompletionRequest)
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     params = generation_params(body, app[settings_key])
+    constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
     if body.model == AUTO_MODEL:
-        constraints = parse_constraints(body.expertmesh)
         enabled = _decompose_requested(body, app[settings_key])
         query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
         if query_plan.compound:
@@ -298,7 +298,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         target = resolve_target(app, body.model)
         if isinstance(target, LocalExpert):
-            prompt_tokens, stops = target.tokenize_chat(messages)
+            prompt_tokens, stops = await asyncio.to_thread(target.tokenize_chat, messages)
             generation = start_generation(app, target, prompt_tokens, stops, params)
         else:
             generation = forward_generation(app, target, messages, params)
@@ -315,7 +315,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
             param="model",
         )
-    prompt_tokens = target.tokenize_text(body.prompt_text())
+    prompt_tokens = await asyncio.to_thread(target.tokenize_text, body.prompt_text())
     if not prompt_tokens:  # refused before taking a queue place (generate checks it again for chat)
         raise InvalidRequest("the prompt is empty", param="prompt")
     params = generation_params(body, app[settings_key])
@@ -515,7 +515,7 @@ async def router_stats(request: web.Request) -> web.Response:
 async def list_experts(request: web.Request) -> web.Response:
     """`GET /v1/experts`: every known expert with its capability cards by judge, flags and live figures."""
     judging = request.app[judging_key]
-    rows = await asyncio.to_thread(judging.experts_view)
+    rows = judging.experts_view()  # in-memory, verified once: cheap enough for the loop
     return web.json_response({"object": "list", "data": rows})
 
 

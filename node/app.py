@@ -16,8 +16,9 @@ import ifaddr
 from aiohttp import web
 
 from node import api, catalog, directory, invites, peer_api, relay, selfcheck, web_routes
-from node.access import RateLimiter, access_middleware, resolve_api_key
+from node.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.community import Community
+from node.peer_guard import peer_guard_middleware
 from node.config import Settings
 from node.errors import NodeError
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
@@ -32,6 +33,9 @@ from peers.identity import NodeIdentity
 log = logging.getLogger(__name__)
 
 identity_key = web.AppKey("identity", NodeIdentity)
+# A connection that has not completed a request within this long is closed (aiohttp starts its
+# keep-alive timer when a connection opens), so slowloris clients cannot hold sockets for minutes.
+IDLE_CONNECTION_TIMEOUT_S = 15.0
 NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and tests can find a port-0 node
 
 
@@ -72,8 +76,16 @@ async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+preloaded_experts_key = web.AppKey("preloaded_experts", list)
+
+
 async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.settings_key]
+    if preloaded_experts_key in app:
+        # Experts built by the caller (tests of the network layer that need no model); owned by the caller.
+        app[api.pool_key] = ExpertPool(app[preloaded_experts_key])
+        yield
+        return
     if gpu_offload_supported():
         log.info("llama.cpp has GPU offload; n_gpu_layers=%d", settings.n_gpu_layers)
     else:
@@ -92,7 +104,13 @@ async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
     secret = settings.community_secret.encode() if settings.community_secret else None
     store = PeerStore(settings.data_dir / "peers.db")
     async with aiohttp.ClientSession() as session:
-        client = PeerClient(session, secret=secret, idle_timeout_s=settings.peer_idle_timeout_s)
+        client = PeerClient(
+            session,
+            identity=app[identity_key],
+            secret=secret,
+            idle_timeout_s=settings.peer_idle_timeout_s,
+            stream_deadline_s=settings.peer_stream_deadline_s,
+        )
         app[api.peer_client_key] = client
         app[api.network_key] = Network(settings, app[identity_key], app[api.pool_key], client, store)
         try:
@@ -115,6 +133,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         items_per_dimension=settings.judge_items_per_dimension,
         judge_expert=settings.judge_expert,
         spot_check_interval_s=settings.spot_check_interval_s,
+        trusted_judges=settings.trusted_judges,
     )
     network.card_extras = judging.hello_cards
     network.on_peer_card = judging.accept_node_card
@@ -153,6 +172,7 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         exclude=settings.denied,
         local_only=settings.local_only,
         min_scores=settings.min_scores,
+        verified_only=settings.verified_only,
     )
     router = Router(
         app[api.pool_key],
@@ -160,7 +180,10 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
-        judged_scores=app[api.judging_key].judged_scores,
+        assess=app[api.judging_key].assessment,
+        unverified_share_max=settings.unverified_share_max,
+        plain_words=settings.ledger_plain_words,
+        retention_days=settings.ledger_retention_days,
         community=_community(settings, app[identity_key], app[api.network_key]),
     )
     await router.start()
@@ -171,8 +194,8 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         await router.close()
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Compose the node's application."""
+def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) -> web.Application:
+    """Compose the node's application (with `experts` given, those are served instead of loading models)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     api_key = resolve_api_key(settings.api_key, settings.require_api_key, settings.host, settings.data_dir)
@@ -183,9 +206,17 @@ def create_app(settings: Settings) -> web.Application:
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[api.error_middleware, api.metrics_middleware, access],
+        middlewares=[
+            api.error_middleware,
+            api.metrics_middleware,
+            host_guard_middleware(allowed_hosts(settings.host, settings.advertise_urls)),
+            access,
+            peer_guard_middleware(lambda a: a[identity_key], settings.community_secret.encode() if settings.community_secret else None),
+        ],
     )
     app[api.settings_key] = settings
+    if experts is not None:
+        app[preloaded_experts_key] = list(experts)
     app[api.metrics_key] = create_metrics()
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
@@ -232,7 +263,7 @@ async def serve(settings: Settings) -> None:
     settings = invites.with_joins(settings)
     app = create_app(settings)
     # Cancel handlers of clients that hang up, so their expert stops generating for nobody.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=IDLE_CONNECTION_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     try:

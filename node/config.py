@@ -68,7 +68,14 @@ class Settings:
     peer_rate_limit_per_s: float = 100.0  # peer API requests per peer address
     peer_rate_limit_burst: float = 200.0
     spot_check_interval_s: float = 300.0  # how often a random remote expert gets a probe (0: never)
-    peer_idle_timeout_s: float = 60.0  # a peer silent this long mid-answer is given up on
+    peer_idle_timeout_s: float = 60.0  # a peer sending no frame this long mid-answer is given up on
+    peer_stream_deadline_s: float = 600.0  # no forwarded answer runs longer, however it trickles
+    # Trust (see README "Trust in an open network"): judges whose cards count here besides this node's own.
+    trusted_judges: tuple[str, ...] = ()  # node ids of judges whose cards count fully
+    unverified_share_max: float = 0.1  # most `auto` traffic (probability) unverified remote experts may get
+    verified_only: bool = False  # route `auto` to local or verified remote experts only
+    ledger_plain_words: bool = False  # keep query words in the ledger as text (default: keyed hashes)
+    ledger_retention_days: float = 90.0  # decisions older than this are deleted (0: kept forever)
     share_learning: bool = True  # publish the signed summary of what this node's users taught (README: Community learning)
     use_community_learning: bool = True  # weigh peers' summaries into routing
     # Relaying for nodes behind NAT (see node/relay.py): offer it on a public node, use it from home.
@@ -106,10 +113,14 @@ _FLOAT_FIELDS = {
     "spot_check_interval_s",
     "decompose_proposer_min_score",
     "relay_max_bytes_per_s",
+    "peer_stream_deadline_s",
+    "unverified_share_max",
+    "ledger_retention_days",
 }
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default", "relay", "relay_open"}
 _BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
-_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join"}
+_BOOL_FIELDS |= {"verified_only", "ledger_plain_words"}  # trust and ledger privacy
+_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join", "trusted_judges"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
 
@@ -129,7 +140,8 @@ def _coerce(name: str, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"setting {name!r} must be a number, got {value!r}", param=name) from exc
-        if number < 0 or (number == 0 and name not in ("spot_check_interval_s", "decompose_proposer_min_score")):
+        zero_ok = ("spot_check_interval_s", "decompose_proposer_min_score", "unverified_share_max", "ledger_retention_days")
+        if number < 0 or (number == 0 and name not in zero_ok):
             raise InvalidRequest(f"setting {name!r} must be positive", param=name)
         return number
     if name in _BOOL_FIELDS:
@@ -202,6 +214,8 @@ def load_settings(
         raise InvalidRequest("queue_size must be >= 0", param="queue_size")
     if settings.parallel is not None and not 1 <= settings.parallel <= 64:
         raise InvalidRequest("parallel must be 1..64 sequence slots", param="parallel")
+    if not 0 <= settings.unverified_share_max <= 1:
+        raise InvalidRequest("unverified_share_max must be within [0, 1]", param="unverified_share_max")
     if not settings.models:
         raise InvalidRequest("at least one model is needed", param="models")
     return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -36,7 +37,7 @@ from node.keys import (
     settings_key,
 )
 from node.network import RemoteExpert
-from node.router import Routed
+from node.router import MAX_ROUTING_CHARS, Routed, routing_text
 from peers.client import PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
@@ -149,7 +150,9 @@ async def _remote_events(
     busy_retry_s: list[int] = []
     for host in hosts:
         node_id = host.peer.node_id
-        frames = client.generate(host.peer.url, request).__aiter__()
+        frames = client.generate(
+            host.peer.url, request, expected_key=host.peer.card.public_key if host.peer.card else None
+        ).__aiter__()
         try:
             try:
                 frame = await frames.__anext__()
@@ -231,7 +234,7 @@ async def _routed_events(
         candidate = routed.candidates[index]
         try:
             if candidate.local is not None:
-                prompt_tokens, stops = candidate.local.tokenize_chat(messages)
+                prompt_tokens, stops = await asyncio.to_thread(candidate.local.tokenize_chat, messages)
                 inner = start_generation(app, candidate.local, prompt_tokens, stops, params)
             else:
                 inner = forward_generation(app, [candidate.remote], messages, params)
@@ -258,6 +261,8 @@ async def _routed_events(
     if busy == len(routed.order):
         raise first_error
     if isinstance(first_error, InvalidRequest):
+        # Refused as malformed before anything was answered: no decision to learn from, none kept.
+        await app[router_key].forget(routed.decision.decision_id)
         raise first_error
     raise PeerUnavailable(f"no candidate could answer: {'; '.join(failures)}")
 
@@ -348,7 +353,11 @@ def _split_proposer(app: web.Application, constraints) -> LocalExpert | None:
 
 async def plan_query(app: web.Application, text: str, *, enabled: bool, constraints) -> Plan:
     """Split by rules first; when they find one request, a good enough instruct expert may propose a split."""
-    query_plan = plan(text, enabled=enabled)
+    if len(text) > MAX_ROUTING_CHARS:
+        # A very long message is answered whole: splitting it would cost seconds and help nobody, and
+        # regexes over a megabyte hold the GIL even in a thread. Its one part is read from its start and end.
+        return plan(routing_text(text), enabled=False)
+    query_plan = await asyncio.to_thread(plan, text, enabled=enabled)
     if not enabled or query_plan.compound or not _may_hide_several_requests(text):
         return query_plan
     proposer = _split_proposer(app, constraints)

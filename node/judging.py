@@ -31,6 +31,7 @@ from node.judge.runner import (
     choose_independent_items,
     judge_local_expert,
     load_private_items,
+    ask_expert,
     local_ask,
     local_judge_ask,
     run_probes,
@@ -38,6 +39,7 @@ from node.judge.runner import (
     summarize_run,
 )
 from node.judge.suites import ProbeItem, combined_version, load_suites, suite_digest
+from node.judge.trust import Assessment, JudgeRecord, assess, judge_records, judge_weight
 from node.network import Network, RemoteExpert
 from peers.client import PeerClient, PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.identity import NodeIdentity
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CARDS_FILE = "cards.db"
 MAX_CARDS_PER_EXPERT = 16  # what travels in a hello
+MAX_CLOCK_SKEW_MS = 10 * 60_000  # a card "issued" further in the future than this is a forgery, not a clock
 BUSY_RETRY_S = 1.0
 DEFAULT_PEER_ITEMS_PER_DIMENSION = 8
 SPOT_CHECK_MAX_TOKENS = 32  # enough tokens for a meaningful speed reading
@@ -88,6 +91,11 @@ class _Counter:
             self.report(self.expert_id, self.done, self.total)
 
 
+def _key(target: RemoteExpert) -> bytes | None:
+    """The public key a remote expert's replies must be signed with."""
+    return target.peer.card.public_key if target.peer.card is not None else None
+
+
 def card_view(card: CapabilityCard) -> dict[str, Any]:
     """A card as JSON for the user API."""
     return {
@@ -126,6 +134,8 @@ class Judging:
         items_per_dimension: int | None = None,
         judge_expert: str | None = None,
         spot_check_interval_s: float = 0.0,
+        trusted_judges: Sequence[str] = (),
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._identity = identity
         self._pool = pool
@@ -139,7 +149,13 @@ class Judging:
         self._spot_task: asyncio.Task | None = None
         self.store = CardStore(data_dir / CARDS_FILE)
         self.status: dict[str, JudgeStatus] = {e.spec.id: JudgeStatus() for e in pool}
-        self._scores: dict[str, dict[str, float]] = {}
+        self._trusted = frozenset(trusted_judges)
+        self._clock_ms = clock_ms
+        # Verified cards by model, kept in memory: views and routing never re-verify signatures.
+        self._cards: dict[str, list[CapabilityCard]] = {}
+        self._records: dict[str, JudgeRecord] = {}
+        self._assessed: dict[tuple[str, str | None], Assessment] = {}
+        self.probed: dict[tuple[str, str], str] = {}  # (owner, sha256) -> how this node verified it
         self._encoded: dict[str, tuple[bytes, ...]] = {}
         self._speed: dict[str, float] = {}
         self._task: asyncio.Task | None = None
@@ -149,6 +165,8 @@ class Judging:
 
     async def start(self) -> None:
         """Load known cards, and judge the local experts in the background (the node serves meanwhile)."""
+        for signed in await asyncio.to_thread(self.store.all_cards):
+            self._cards.setdefault(signed.card.model_sha256, []).append(signed.card)
         for expert in self._pool:
             await self._refresh(expert.spec.sha256, expert.spec.id)
         if self._judge_on_start:
@@ -178,27 +196,48 @@ class Judging:
     # ---- reading cards --------------------------------------------------------------------
 
     async def _refresh(self, sha256: str, expert_id: str | None = None) -> None:
-        """Recompute the cached scores and hello cards for one model."""
+        """Reload one model's cards, recompute judges' records, and the hello cards of a local expert."""
         signed = await asyncio.to_thread(self.store.cards_for, sha256)
-        cards = [s.card for s in signed]
-        independent = [c for c in cards if not c.self_judged]
-        # Independent judges' word counts over the owner's own claim when there is any.
-        basis = independent or cards
-        sums: dict[str, list[float]] = {}
-        for card in basis:
-            for score in card.scores:
-                sums.setdefault(score.dimension, []).append(score.mean)
-        self._scores[sha256] = {d: sum(v) / len(v) for d, v in sums.items()}
-        if expert_id is not None:
-            own = [c for c in cards if c.judge_node_id == self._identity.node_id and c.expert_id == expert_id]
+        self._cards[sha256] = [s.card for s in signed if s.card.model_sha256 == sha256]
+        node_id = self._identity.node_id
+        self._records = judge_records((c for cards in self._cards.values() for c in cards), node_id)
+        self._assessed.clear()
+        local = {e.spec.id: e for e in self._pool}
+        for eid in [expert_id] if expert_id is not None else [e.spec.id for e in self._pool if e.spec.sha256 == sha256]:
+            expert = local.get(eid)
+            own = [c for c in self._cards[sha256] if c.judge_node_id == node_id and c.expert_id == eid]
             if own:
-                self._speed[expert_id] = max(own, key=lambda c: c.issued_ms).performance.tokens_per_s
-            newest = sorted(signed, key=lambda s: s.card.issued_ms)[-MAX_CARDS_PER_EXPERT:]
-            self._encoded[expert_id] = tuple(encode_signed_card(s) for s in newest)
+                self._speed[eid] = max(own, key=lambda c: c.issued_ms).performance.tokens_per_s
+            # Only cards about this very expert on this very node travel in our hello: a card naming
+            # another owner would make honest peers distrust us for relaying it.
+            ours = [
+                s for s in signed
+                if s.card.owner_node_id == node_id and expert is not None and s.card.model_sha256 == expert.spec.sha256
+            ]
+            ours.sort(key=lambda s: (s.card.judge_node_id != node_id, -judge_weight(s.card.judge_node_id, self._trusted, self._records), -s.card.issued_ms))
+            self._encoded[eid] = tuple(encode_signed_card(s) for s in ours[:MAX_CARDS_PER_EXPERT])
 
-    def judged_scores(self, sha256: str) -> Mapping[str, float]:
-        """Mean judged score per dimension for a model (independent judges first); empty when unjudged."""
-        return self._scores.get(sha256, {})
+    def assessment(self, sha256: str, owner: str | None = None) -> Assessment:
+        """What this node believes about a model hosted here (`owner=None`) or on `owner`, and why."""
+        key = (sha256, owner)
+        found = self._assessed.get(key)
+        if found is None:
+            found = assess(
+                self._cards.get(sha256, ()), own_id=self._identity.node_id, owner=owner, trusted=self._trusted, records=self._records
+            )
+            if owner is not None and not found.verified and (owner, sha256) in self.probed:
+                found = Assessment(found.scores, found.evidence, found.judges, True)
+            self._assessed[key] = found
+        return found
+
+    def judged_scores(self, sha256: str, owner: str | None = None) -> Mapping[str, float]:
+        """Judged score per dimension this node believes (see node.judge.trust); empty when unjudged."""
+        return self.assessment(sha256, owner).scores
+
+    def mark_verified(self, owner: str, sha256: str, how: str) -> None:
+        """Record that this node checked a peer's expert itself (a spot probe matched, or its own probes agreed)."""
+        self.probed[(owner, sha256)] = how
+        self._assessed.clear()
 
     def claimed_tokens_per_s(self, expert_id: str) -> float | None:
         """The decode speed this node's own card measured for a local expert (what its hello claims)."""
@@ -224,30 +263,54 @@ class Judging:
                     log.warning("dropped a card from %s about an expert it does not host", card.node_id)
                     self._network.note_misbehaviour(card.node_id, "bad_card", "a card about an expert it does not host")
                     continue
-                existing = await asyncio.to_thread(
-                    self.store.get, capability.model_sha256, capability.suite_version, capability.judge_node_id
-                )
-                if existing is None or existing.card.issued_ms < capability.issued_ms:
-                    await asyncio.to_thread(self.store.put, signed)
+                if capability.issued_ms > self._clock_ms() + MAX_CLOCK_SKEW_MS:
+                    self._network.note_misbehaviour(card.node_id, "bad_card", "a card issued in the future")
+                    continue
+                if capability.judge_node_id == self._identity.node_id:
+                    continue  # our own cards come from our own store, never back from a peer
+                known = self._known(capability)
+                if known is None or known.issued_ms < capability.issued_ms:
+                    await asyncio.to_thread(self.store.put, signed, self._protected())
                     stored = True
             if stored:
                 await self._refresh(info.sha256)
 
+    def _known(self, card: CapabilityCard) -> CapabilityCard | None:
+        """The stored card of the same judge on the same model and suite, if any."""
+        return next(
+            (
+                c for c in self._cards.get(card.model_sha256, ())
+                if c.judge_node_id == card.judge_node_id and c.suite_version == card.suite_version
+            ),
+            None,
+        )
+
+    def _protected(self) -> frozenset[str]:
+        """Judges whose cards are never evicted to make room: this node and the judges it trusts."""
+        earned = {j for j in self._records if judge_weight(j, self._trusted, self._records) > 0}
+        return frozenset({self._identity.node_id, *self._trusted, *earned})
+
     async def accept_submitted(self, data: bytes, sender: str | None = None) -> CapabilityCard:
-        """A judge sends its card about one of our experts: keep it, so it travels with our hello."""
+        """A verified peer sends its own card about one of our experts: keep it (it counts only as its judge is trusted)."""
         signed = decode_signed_card(data)
         card = verify_capability_card(signed)
         expert = self._pool.get(card.expert_id)
         if card.owner_node_id != self._identity.node_id or expert is None or expert.spec.sha256 != card.model_sha256:
             raise InvalidRequest("the card is not about an expert hosted on this node", param="card")
-        await asyncio.to_thread(self.store.put, signed)
+        if sender is not None and card.judge_node_id != sender:
+            raise InvalidRequest("a peer may only submit cards it judged itself", param="card")
+        if card.judge_node_id == self._identity.node_id:
+            raise InvalidRequest("this node's own cards are not taken from others", param="card")
+        if card.issued_ms > self._clock_ms() + MAX_CLOCK_SKEW_MS:
+            raise InvalidRequest("the card is issued in the future", param="card")
+        await asyncio.to_thread(self.store.put, signed, self._protected())
         await self._refresh(card.model_sha256, card.expert_id)
         log.info("stored a capability card on %s from judge %s", card.expert_id, card.judge_node_id)
         return card
 
     def cards(self, sha256: str) -> list[CapabilityCard]:
-        """Every stored card about a model, from every judge (blocking: small)."""
-        return [s.card for s in self.store.cards_for(sha256)]
+        """Every stored card about a model, from every judge (verified once, when stored or loaded)."""
+        return list(self._cards.get(sha256, ()))
 
     def experts_view(self) -> list[dict[str, Any]]:
         """Every known expert (local and on alive peers) with its cards by judge, flags and live figures."""
@@ -262,6 +325,7 @@ class Judging:
 
     def _expert_row(self, expert_id: str, sha256: str, node: str, local: bool, queue_depth: int, capacity: int) -> dict[str, Any]:
         cards = self.cards(sha256)
+        assessed = self.assessment(sha256, None if local else node)
         flags = flag_disagreements(cards)
         status = self.status.get(expert_id) if local else None
         return {
@@ -273,7 +337,9 @@ class Judging:
             "capacity": capacity,
             "judging": None if status is None else {"state": status.state, "done": status.done, "total": status.total, "error": status.error},
             "judged": bool(cards),
-            "scores": {d: round(v, 4) for d, v in self.judged_scores(sha256).items()},
+            "scores": {d: round(v, 4) for d, v in assessed.scores.items()},
+            "evidence": assessed.describe(),
+            "verified": local or assessed.verified,
             "cards": [card_view(c) for c in cards],
             "flags": [
                 {
@@ -393,19 +459,67 @@ class Judging:
         await asyncio.to_thread(self.store.put, signed)
         await self._refresh(target.info.sha256)
         try:
-            await self._client.submit_card(target.peer.url, encode_signed_card(signed))
+            await self._client.submit_card(target.peer.url, encode_signed_card(signed), expected_key=_key(target))
         except PeerError as exc:
             log.warning("could not hand the card to %s: %s (kept here)", node_id, exc)
         return signed
 
     async def _spot_check_loop(self) -> None:
-        """Now and then ask a random remote expert an easy probe, to catch peers that lie about what they serve."""
+        """Now and then probe a remote expert: unverified ones first (to verify them), else a random one for speed."""
         items = [item for item in load_suites(["knowledge", "arithmetic"]).values() for item in item.items]
         while True:
             await asyncio.sleep(self._spot_check_interval_s)
             remotes = self._network.remote_experts()
-            if remotes:
-                await self.spot_check(random.choice(remotes), random.choice(items))
+            unverified = [r for r in remotes if not self.assessment(r.info.sha256, r.peer.node_id).verified]
+            try:
+                if unverified:
+                    await self.verify_remote(random.choice(unverified), random.choice(items))
+                elif remotes:
+                    await self.spot_check(random.choice(remotes), random.choice(items))
+            except asyncio.CancelledError:
+                raise
+            except NodeError as exc:
+                log.info("spot check failed: %s", exc.message)
+
+    async def verify_remote(self, target: RemoteExpert, item: ProbeItem, *, items_per_dimension: int = 2) -> bool:
+        """Check a peer's claim about its expert with this node's own evidence; True when it held.
+
+        Same model file here: one greedy probe (temperature 0, seed 0) whose answer must equal
+        this node's own. Otherwise: a small judging run of this node's own, whose scores must not
+        contradict the owner's card. Either way the result is this node's evidence, not a stranger's.
+        """
+        node_id, sha256 = target.peer.node_id, target.info.sha256
+        twin = next((e for e in self._pool if e.spec.sha256 == sha256), None)
+        if twin is not None:
+            max_tokens = min(item.max_tokens, SPOT_CHECK_MAX_TOKENS)
+            ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=max_tokens)
+            try:
+                theirs = await ask(item)
+            except PeerUnavailable as exc:
+                log.info("verification probe of %s on %s failed: %s", target.info.expert_id, node_id, exc.message)
+                return False
+            while True:
+                try:
+                    mine = await ask_expert(twin, item.prompt, max_tokens=max_tokens)
+                    break
+                except ExpertBusy:
+                    await asyncio.sleep(BUSY_RETRY_S)
+            if theirs.text == mine.text:
+                self.mark_verified(node_id, sha256, "a greedy probe answered exactly as this node's own copy")
+                log.info("verified %s on %s: greedy answer matches the local copy", target.info.expert_id, node_id)
+                return True
+            self._network.note_misbehaviour(
+                node_id, "model_mismatch", f"{target.info.expert_id}: greedy answer differs from this node's copy of {sha256[:12]}"
+            )
+            return False
+        signed = await self.judge_peer(node_id, target.info.expert_id, items_per_dimension=items_per_dimension)
+        claims = [c for c in self._cards.get(sha256, ()) if c.self_judged and c.owner_node_id == node_id]
+        flags = [f for f in flag_disagreements([*claims, signed.card]) if f.judge_node_id == self._identity.node_id]
+        if flags:
+            detail = "; ".join(f"{f.dimension} claimed {f.owner_score.mean:.2f}, measured {f.independent_score.mean:.2f}" for f in flags)
+            self._network.note_misbehaviour(node_id, "score_lie", f"{target.info.expert_id}: {detail}"[:300])
+            return False
+        return True
 
     async def spot_check(self, target: RemoteExpert, item: ProbeItem) -> None:
         """One probe to a peer's expert: speed against its claim, and the protocol kept; evidence on failure."""
@@ -454,7 +568,7 @@ class Judging:
             texts: list[str] = []
             completion_tokens = 0
             try:
-                async for frame in self._client.generate(target.peer.url, request):
+                async for frame in self._client.generate(target.peer.url, request, expected_key=_key(target)):
                     if frame.kind == "delta":
                         ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - started_s
                         texts.append(frame.text)

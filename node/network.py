@@ -16,6 +16,7 @@ from node.errors import Forbidden
 from node.experts import ExpertPool
 from node.peer_store import PeerStore, RememberedPeer
 from peers import table as peer_table
+from peers.addresses import dialable_origin
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
 from peers.relay import is_relayed
@@ -40,6 +41,10 @@ TICK_S = 1.0
 EXCHANGE_INTERVAL_S = 10.0
 EXCHANGE_LIMIT = 32
 MAX_HELLOS_IN_FLIGHT = 16
+# Hellos to addresses nobody verified yet may use only these many slots: the rest stay free for
+# known peers, so a flood of unresponsive (tarpit) addresses cannot make live peers look dead.
+MAX_UNVERIFIED_HELLOS_IN_FLIGHT = 6
+MAX_ADDRESSES_PER_CARD = 4  # addresses taken from one peer's card; a card listing more is suspicious anyway
 # A peer delivering under a third of the speed it claims is lying, not merely loaded.
 SPEED_LIE_FACTOR = 3.0
 MIN_TOKENS_FOR_SPEED_CHECK = 8
@@ -104,6 +109,8 @@ class Network:
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[str] = set()
         self._direct_tried_ms: dict[str, int] = {}
+        self._unverified_in_flight: set[str] = set()
+        self._allow_loopback = is_loopback_host(settings.host)
         self._loop_task: asyncio.Task | None = None
         self._mdns = None
         self._db = asyncio.Lock()
@@ -155,7 +162,9 @@ class Network:
         now = self._clock_ms()
         remembered = await asyncio.get_running_loop().run_in_executor(None, self._store.load)
         for peer in remembered:
-            self._apply(peer_table.AddressLearned(peer.url, _source(peer.source), now, peer.node_id))
+            url = peer.url if peer.source == "bootstrap" else self.dialable(peer.url)
+            if url is not None:
+                self._apply(peer_table.AddressLearned(url, _source(peer.source), now, peer.node_id))
         for url in self._settings.peers:
             self._apply(peer_table.AddressLearned(url.rstrip("/"), "bootstrap", now))
         if self._settings.mdns:
@@ -209,33 +218,54 @@ class Network:
         now = self._clock_ms()
         if isinstance(event, PeerFound):
             known = self.table.peers.get(event.node_id)
-            for url in event.urls:
+            urls = [u for u in (self.dialable(u) for u in event.urls) if u is not None]
+            for url in urls:
                 self._apply(peer_table.AddressLearned(url, "mdns", now, event.node_id))
             if known is not None and known.card is not None and stable_digest(known.card) != event.card_digest:
                 self._hello_soon(known.url)
             elif known is None:
-                for url in event.urls[:1]:
+                for url in urls[:1]:
                     self._hello_soon(url)
         elif isinstance(event, PeerGone):
             self._apply(peer_table.ServiceRemoved(event.node_id, now))
 
+    def dialable(self, url: str) -> str | None:
+        """The origin to dial for a learned address, or None when it must not be dialled (see peers.addresses)."""
+        return dialable_origin(url, allow_loopback=self._allow_loopback)
+
     def on_hello(self, hello: Hello) -> HelloReply:
-        """A peer said hello: check its card, learn its addresses (verified by our own hello), answer with ours."""
+        """A peer said hello: check its card, learn its addresses (verified by our own hello), answer with ours.
+
+        The capability cards a hello carries are kept only from a peer this node has already
+        verified by its own hello: an unverified sender's word is stored nowhere.
+        """
         card = verify_card(hello.card)
         now = self._clock_ms()
         if self.is_refused(card.node_id):
             raise Forbidden(f"node {card.node_id} was revoked here")
         if card.node_id != self._identity.node_id:
-            self._peer_card(card)
-            self.on_peer_learning(card.node_id, hello.learning)
             known = self.table.peers.get(card.node_id)
-            for url in card.addresses:
+            if known is not None and known.card is not None and known.card.public_key == card.public_key and self.is_verified_peer(card.node_id):
+                # Cards and learning summaries count only from a peer this node's own hello verified.
+                self._peer_card(card)
+                self.on_peer_learning(card.node_id, hello.learning)
+            urls = [u for u in (self.dialable(a) for a in card.addresses[:MAX_ADDRESSES_PER_CARD]) if u is not None]
+            for url in urls:
                 if known is None or known.url != url:
                     self._apply(peer_table.AddressLearned(url, "exchange", now, card.node_id))
             if known is None:
-                for url in card.addresses[:1]:
+                for url in urls[:1]:
                     self._hello_soon(url)
         return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms, learning=self.learning())
+
+    def is_verified_peer(self, node_id: str) -> bool:
+        """Whether `node_id` answered this node's own hello recently and is not distrusted."""
+        peer = self.table.peers.get(node_id)
+        return (
+            peer is not None
+            and peer_table.is_alive(peer, self._clock_ms(), self.policy)
+            and not self.trust_of(node_id).distrusted
+        )
 
     def exchange_reply(self, max_peers: int) -> PeersReply:
         """The peers we know to be alive, for peer exchange."""
@@ -300,7 +330,10 @@ class Network:
         while True:
             now = self._clock_ms()
             self._apply(peer_table.Tick(now))
-            for url in peer_table.due_for_hello(self.table, now, self.policy):
+            due = peer_table.due_for_hello(self.table, now, self.policy)
+            verified_urls = {p.url for p in self.table.peers.values() if p.verified}
+            # Known peers first: their slots are reserved, and their liveness is what users see.
+            for url in sorted(due, key=lambda u: u not in verified_urls):
                 self._hello_soon(url)
             if time.monotonic() - last_exchange_s >= EXCHANGE_INTERVAL_S:
                 last_exchange_s = time.monotonic()
@@ -322,6 +355,11 @@ class Network:
     def _hello_soon(self, url: str) -> None:
         if url in self._in_flight or len(self._in_flight) >= MAX_HELLOS_IN_FLIGHT or url in self.urls:
             return
+        known = any(p.url == url and p.verified for p in self.table.peers.values())
+        if not known:
+            if len(self._unverified_in_flight) >= MAX_UNVERIFIED_HELLOS_IN_FLIGHT:
+                return
+            self._unverified_in_flight.add(url)
         self._in_flight.add(url)
         self._spawn(self._hello(url))
 
@@ -365,37 +403,43 @@ class Network:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
         finally:
             self._in_flight.discard(url)
+            self._unverified_in_flight.discard(url)
 
     def _try_direct(self, url: str, card: NodeCard, now_ms: int) -> None:
         """Reached through a relay: now and then try the peer's direct addresses, which win when they answer."""
         if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
             return
         self._direct_tried_ms[card.node_id] = now_ms
-        for other in card.addresses:
-            if not is_relayed(other):
-                self._hello_soon(other)
+        for other in card.addresses[:MAX_ADDRESSES_PER_CARD]:
+            target = self.dialable(other)
+            if target is not None and not is_relayed(target):
+                self._hello_soon(target)
 
     def _try_other_addresses(self, url: str) -> None:
         """A peer stopped answering at `url`: hello the other addresses its card lists (another relay, say)."""
         peer = next((p for p in self.table.peers.values() if p.url == url), None)
         if peer is not None and peer.card is not None:
-            for other in peer.card.addresses:
-                if other != url:
-                    self._hello_soon(other)
+            for other in peer.card.addresses[:MAX_ADDRESSES_PER_CARD]:
+                target = self.dialable(other)
+                if target is not None and target != url:
+                    self._hello_soon(target)
 
     async def _exchange(self, url: str) -> None:
+        peer = next((p for p in self.table.peers.values() if p.url == url), None)
+        expected = peer.card.public_key if peer is not None and peer.card is not None else None
         try:
-            reply = await self._client.peers(url, EXCHANGE_LIMIT)
+            reply = await self._client.peers(url, EXCHANGE_LIMIT, expected_key=expected)
         except PeerError as exc:
             log.debug("peer exchange with %s failed: %s", url, exc)
             return
         now = self._clock_ms()
         known_urls = {p.url for p in self.table.peers.values()}
         for address in reply.peers[:EXCHANGE_LIMIT]:
-            if address.node_id == self._identity.node_id or address.url in known_urls:
+            url = self.dialable(address.url)
+            if url is None or address.node_id == self._identity.node_id or url in known_urls:
                 continue
             # A gossiped address is only used after our own hello verifies it.
-            self._apply(peer_table.AddressLearned(address.url, "exchange", now, address.node_id))
+            self._apply(peer_table.AddressLearned(url, "exchange", now, address.node_id))
 
 
 def _source(value: str) -> PeerSource:

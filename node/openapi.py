@@ -38,6 +38,7 @@ _ROUTE_CONSTRAINTS: dict[str, Any] = {
         "approved": _NAMES,
         "exclude": _NAMES,
         "local_only": {"type": "boolean"},
+        "verified_only": {"type": "boolean", "description": "only local experts and remote ones this node verified"},
         "max_latency_ms": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
         "min_scores": {
             "anyOf": [
@@ -95,6 +96,9 @@ _COUNT = {"type": "integer", "minimum": 0}
 def _response_schemas() -> dict[str, Any]:
     """Hand-written response shapes (the handlers build plain dicts, so there is no model to derive them from)."""
     candidate = _object({"expert": _STRING, "node": _STRING, "local": _BOOLEAN, "probability": _NUMBER})
+    routed_candidate = _object(
+        {"expert": _STRING, "node": _STRING, "local": _BOOLEAN, "probability": _NUMBER, "verified": _BOOLEAN, "evidence": _STRING}
+    )
     provenance = _object(
         {
             "expert": _STRING,
@@ -106,7 +110,8 @@ def _response_schemas() -> dict[str, Any]:
             "explanation": _object(
                 {
                     "task": _STRING,
-                    "candidates": {"type": "array", "items": candidate},
+                    "candidates": {"type": "array", "items": routed_candidate},
+                    "evidence": _STRING,
                     "top_features": {
                         "type": "array",
                         "items": {"type": "array", "prefixItems": [_STRING, _NUMBER], "minItems": 2, "maxItems": 2},
@@ -342,6 +347,8 @@ def _response_schemas() -> dict[str, Any]:
                             ),
                             "judged": _BOOLEAN,
                             "scores": {"type": "object", "additionalProperties": _NUMBER},
+                            "evidence": _STRING,
+                            "verified": _BOOLEAN,
                             "cards": {"type": "array", "items": card},
                             "flags": {
                                 "type": "array",

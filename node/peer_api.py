@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from aiohttp import web
 
 from node import api
+from node.access import is_loopback_host
+from node.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
 from node.errors import (
     Forbidden,
     InvalidRequest,
@@ -19,7 +22,6 @@ from node.errors import (
 from node.experts import ChatMessage, Delta, Finished, GenerationParams
 from peers.client import PEER_PATH
 from peers.wire import (
-    BODY_HMAC_HEADER,
     CONTENT_TYPE,
     MAX_HOPS,
     CardSubmission,
@@ -29,7 +31,6 @@ from peers.wire import (
     PeersRequest,
     WireError,
     WireMessage,
-    check_body_hmac,
     decode,
     encode,
 )
@@ -37,7 +38,6 @@ from peers.wire import (
 log = logging.getLogger(__name__)
 
 network_key = api.network_key
-MAX_PEER_BODY_BYTES = 256 << 10
 
 
 def _wire_error(exc: WireError) -> NodeError:
@@ -50,15 +50,8 @@ def _wire_error(exc: WireError) -> NodeError:
 
 
 async def _read_message(request: web.Request, shape: type[Any]) -> Any:
-    """Read, authenticate and decode a peer request body."""
-    if request.content_length is not None and request.content_length > MAX_PEER_BODY_BYTES:
-        raise PayloadTooLarge(f"peer request over {MAX_PEER_BODY_BYTES} bytes")
-    body = await request.content.read(MAX_PEER_BODY_BYTES + 1)
-    if len(body) > MAX_PEER_BODY_BYTES:
-        raise PayloadTooLarge(f"peer request over {MAX_PEER_BODY_BYTES} bytes")
-    secret = request.app[api.settings_key].community_secret
-    if secret is not None and not check_body_hmac(secret.encode(), body, request.headers.get(BODY_HMAC_HEADER)):
-        raise Forbidden("this network needs its community secret: the request's HMAC is missing or wrong")
+    """Decode a peer request body the guard has read and authenticated."""
+    body = request[body_key]
     try:
         return decode(body, shape, max_bytes=MAX_PEER_BODY_BYTES)
     except WireError as exc:
@@ -72,6 +65,8 @@ def _msgpack_response(message: WireMessage) -> web.Response:
 async def hello(request: web.Request) -> web.Response:
     """`POST /peer/v1/hello`: exchange signed cards."""
     message = await _read_message(request, Hello)
+    if message.card.card.node_id != request[signer_key].node_id:
+        raise Forbidden("a hello must be signed by the node whose card it carries")
     try:
         reply = request.app[network_key].on_hello(message)
     except WireError as exc:
@@ -91,10 +86,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
     message: GenerateRequest = await _read_message(request, GenerateRequest)
     if message.hops > MAX_HOPS:
         raise InvalidRequest(f"hops {message.hops} is over {MAX_HOPS}", param="hops")
+    _check_may_generate(request)
     expert = app[api.pool_key].get(message.expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {message.expert_id!r} is not hosted on this node", param="expert_id")
-    prompt_tokens, stops = expert.tokenize_chat([ChatMessage(m.role, m.content) for m in message.messages])
+    # A long conversation takes a while to tokenize: never on the event loop.
+    prompt_tokens, stops = await asyncio.to_thread(
+        expert.tokenize_chat, [ChatMessage(m.role, m.content) for m in message.messages]
+    )
     settings = app[api.settings_key]
     params = GenerationParams(
         max_tokens=message.max_tokens or settings.max_tokens_default,
@@ -108,7 +107,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     events = generation.__aiter__()
     try:
         first = await events.__anext__()  # a failure before any token stays a plain HTTP error
-        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+        response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **stream_reply_headers(request)})
         await response.prepare(request)
         event = first
         while True:
@@ -142,8 +141,22 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def cards(request: web.Request) -> web.Response:
     """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
     message: CardSubmission = await _read_message(request, CardSubmission)
-    await request.app[api.judging_key].accept_submitted(message.card)
+    sender = request[signer_key].node_id
+    if not request.app[network_key].is_verified_peer(sender):
+        raise Forbidden("cards are accepted from verified peers only: this node has not verified yours by its own hello")
+    await request.app[api.judging_key].accept_submitted(message.card, sender=sender)
     return _msgpack_response(message)
+
+
+def _check_may_generate(request: web.Request) -> None:
+    """On a public address with no community secret, only peers this node verified may use its experts."""
+    settings = request.app[api.settings_key]
+    if settings.community_secret is not None or is_loopback_host(settings.host):
+        return
+    sender = request[signer_key].node_id
+    if not request.app[network_key].is_verified_peer(sender):
+        log.warning("refused /peer/v1/generate from unverified node %s", sender)
+        raise Forbidden("this node generates for verified peers only (or members of its community)")
 
 
 def add_routes(app: web.Application) -> None:

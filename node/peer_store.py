@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +30,9 @@ class PeerStore:
     """Peer addresses that were verified once; blocking calls, run them off the loop."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        from node.state_files import open_cache_db
+
+        self._db = open_cache_db(path, (_SCHEMA,))
 
     def load(self) -> list[RememberedPeer]:
         """Every remembered peer, most recently seen first."""

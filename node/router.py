@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import logging
+import secrets
+import sqlite3
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +34,9 @@ from bandit.policy import Policy, PolicyLoadError, rng_for_decision, sample_inde
 from node.community import Community
 from node.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from node.experts import ExpertPool, LocalExpert
+from node.judge.trust import Assessment
 from node.network import Network, RemoteExpert
+from node.state_files import corrupt_ledger
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,10 @@ LEDGER_FILE = "ledger.db"
 AUTOSAVE_INTERVAL_S = 30.0
 RATINGS = {"up": 1.0, "down": 0.0}
 EXPLAIN_FEATURES = 5
+SALT_FILE = "ledger_salt"
+# The router reads at most this much of a query: features of a 1 MB message are no better than of its start and end.
+MAX_ROUTING_CHARS = 8192
+RETENTION_CHECK_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class RouteConstraints:
     local_only: bool = False
     max_latency_ms: float | None = None
     min_scores: Mapping[str, float] = field(default_factory=dict)
+    verified_only: bool = False  # only local experts and remote ones this node verified
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,12 @@ class Candidate:
     name: str
     local: LocalExpert | None = None
     remote: RemoteExpert | None = None
+    assessment: Assessment = field(default_factory=Assessment)
+
+    @property
+    def verified(self) -> bool:
+        """Local, or remote and checked by this node (or a judge the user trusts)."""
+        return self.local is not None or self.assessment.verified
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,9 @@ def parse_constraints(body: Mapping[str, Any] | None) -> RouteConstraints:
     local_only = body.get("local_only", False)
     if not isinstance(local_only, bool):
         raise InvalidRequest("expertmesh.local_only must be true or false", param="expertmesh.local_only")
+    verified_only = body.get("verified_only", False)
+    if not isinstance(verified_only, bool):
+        raise InvalidRequest("expertmesh.verified_only must be true or false", param="expertmesh.verified_only")
     max_latency = body.get("max_latency_ms")
     if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float)) or max_latency <= 0):
         raise InvalidRequest("expertmesh.max_latency_ms must be a positive number", param="expertmesh.max_latency_ms")
@@ -112,6 +132,7 @@ def parse_constraints(body: Mapping[str, Any] | None) -> RouteConstraints:
         local_only=local_only,
         max_latency_ms=None if max_latency is None else float(max_latency),
         min_scores=_scores(body.get("min_scores"), "expertmesh.min_scores"),
+        verified_only=verified_only,
     )
 
 
@@ -135,12 +156,68 @@ def _allowed(candidate: Candidate, constraints: RouteConstraints) -> bool:
         return False
     if constraints.local_only and not f.local:
         return False
+    if constraints.verified_only and not candidate.verified:
+        return False
     if constraints.max_latency_ms is not None and f.latency_ms_avg is not None and f.latency_ms_avg > constraints.max_latency_ms:
         return False
     for dimension, minimum in constraints.min_scores.items():
         if f.scores.get(dimension, -1.0) < minimum:
             return False
     return True
+
+
+def routing_text(text: str) -> str:
+    """What the router reads of a query: all of a short one, the start and end of a long one."""
+    if len(text) <= MAX_ROUTING_CHARS:
+        return text
+    half = MAX_ROUTING_CHARS // 2
+    return text[:half] + " " + text[-half:]
+
+
+def cap_unverified_share(probabilities: Sequence[float], unverified: Sequence[bool], cap: float) -> list[float]:
+    """Probabilities with at most `cap` in total on unverified candidates; the rest moves to verified ones pro rata.
+
+    The capped probabilities are what is sampled from and logged, so learning stays unbiased.
+    Nothing moves when every candidate is unverified (there is nowhere to move it).
+    """
+    probs = [max(0.0, float(p)) for p in probabilities]
+    mass = sum(p for p, u in zip(probs, unverified) if u)
+    if mass <= cap or all(unverified) or not any(unverified):
+        return probs
+    verified_mass = sum(p for p, u in zip(probs, unverified) if not u)
+    verified_count = sum(1 for u in unverified if not u)
+    out = []
+    for p, u in zip(probs, unverified):
+        if u:
+            out.append(p * cap / mass)
+        elif verified_mass > 0:
+            out.append(p / verified_mass * (1 - cap))
+        else:
+            out.append((1 - cap) / verified_count)
+    total = sum(out)
+    return [p / total for p in out]
+
+
+def _evidence_line(candidate: Candidate) -> str:
+    """Which evidence backed the chosen expert, in words."""
+    a = candidate.assessment
+    where = "local expert" if candidate.local is not None else ("verified remote expert" if a.verified else "unverified remote expert")
+    return f"{where}; scores from {a.describe()}" + (f" ({', '.join(a.judges)})" if a.judges else "")
+
+
+def _load_salt(path: Path) -> bytes:
+    """This node's secret key for hashing query words in the ledger, created once."""
+    from node.access import write_private_atomically
+
+    try:
+        data = path.read_bytes()
+        if len(data) >= 16:
+            return data
+    except FileNotFoundError:
+        pass
+    salt = secrets.token_bytes(32)
+    write_private_atomically(path, salt)
+    return salt
 
 
 class Router:
@@ -154,19 +231,29 @@ class Router:
         *,
         node_constraints: RouteConstraints = RouteConstraints(),
         exploration: str = "squarecb",
-        judged_scores: Callable[[str], Mapping[str, float]] = lambda _sha256: {},
+        assess: Callable[[str, str | None], Assessment] = lambda _sha256, _owner: Assessment(),
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         community: Community | None = None,
+        unverified_share_max: float = 1.0,
+        plain_words: bool = False,
+        retention_days: float = 0.0,
     ) -> None:
         self._pool = pool
         self.community = community
         self._network = network
         self._node_constraints = node_constraints
         self._exploration = exploration
-        self._judged_scores = judged_scores
+        self._assess = assess
         self._clock_ms = clock_ms
+        self._unverified_share_max = unverified_share_max
+        self._plain_words = plain_words
+        self._retention_ms = int(retention_days * 86_400_000)
+        self._salt = None if plain_words else _load_salt(data_dir / SALT_FILE)
         self._policy_path = data_dir / POLICY_FILE
-        self.ledger = Ledger(data_dir / LEDGER_FILE)
+        try:
+            self.ledger = Ledger(data_dir / LEDGER_FILE)
+        except sqlite3.DatabaseError as exc:
+            raise corrupt_ledger(data_dir / LEDGER_FILE, exc) from exc
         # VW's workspace is not thread-safe: every policy call runs on this one thread.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
         self._policy: Policy | None = None
@@ -223,7 +310,13 @@ class Router:
             self._saved_version = self._policy.version
 
     async def _autosave_loop(self) -> None:
+        last_retention_s = 0.0
         while True:
+            if self._retention_ms and time.monotonic() - last_retention_s >= RETENTION_CHECK_S:
+                last_retention_s = time.monotonic()
+                deleted = await self._in_thread(self.ledger.delete_older_than, self._clock_ms() - self._retention_ms)
+                if deleted:
+                    log.info("router: deleted %d decisions past the retention limit", deleted)
             await asyncio.sleep(AUTOSAVE_INTERVAL_S)
             try:
                 await self._in_thread(self._save)
@@ -253,13 +346,14 @@ class Router:
         for expert in self._pool:
             spec = expert.spec
             average_s = expert.average_request_s()
+            assessed = self._assess(spec.sha256, None)
             features = ExpertFeatures(
                 expert_id=ExpertId(spec.id),
                 node_id=NodeId(node_id),
                 family=spec.family or "unknown",
                 params=spec.params or "unknown",
                 quantization=spec.quantization or "unknown",
-                scores=self._judged_scores(spec.sha256),
+                scores=assessed.scores,
                 latency_ms_avg=None if average_s is None else average_s * 1000,
                 queue_depth=expert.queue_depth,
                 local=True,
@@ -267,16 +361,17 @@ class Router:
                 waiting=expert.waiting,
                 tokens_per_s=expert.tokens_per_s() or None,
             )
-            found.append(Candidate(features, spec.sha256, spec.name, local=expert))
+            found.append(Candidate(features, spec.sha256, spec.name, local=expert, assessment=assessed))
         for remote in self._network.remote_experts():
             info = remote.info
+            assessed = self._assess(info.sha256, remote.peer.node_id)
             features = ExpertFeatures(
                 expert_id=ExpertId(info.expert_id),
                 node_id=NodeId(remote.peer.node_id),
                 family=info.family or "unknown",
                 params=info.params or "unknown",
                 quantization=info.quantization or "unknown",
-                scores=self._judged_scores(info.sha256),
+                scores=assessed.scores,
                 latency_ms_avg=remote.peer.rtt_ms,
                 queue_depth=info.queue_depth,
                 local=False,
@@ -284,7 +379,7 @@ class Router:
                 waiting=max(0, info.queue_depth - info.parallel),
                 tokens_per_s=info.tokens_per_s,
             )
-            found.append(Candidate(features, info.sha256, info.name, remote=remote))
+            found.append(Candidate(features, info.sha256, info.name, remote=remote, assessment=assessed))
         return [c for c in found if _allowed(c, self._node_constraints) and _allowed(c, constraints)]
 
     async def route(self, text: str, constraints: RouteConstraints) -> Routed:
@@ -292,10 +387,14 @@ class Router:
         candidates = self.candidates(constraints)
         if not candidates:
             raise NotFound("no approved expert is available for this request (check expertmesh constraints)", param="model")
-        query = query_features(text)
         features = [c.features for c in candidates]
+        unverified = [not c.verified for c in candidates]
         token = new_feedback_token()
-        decision, top, community = await self._in_thread(self._decide, text, query, features, token_sha256(token))
+        # Feature extraction of a long text is real work: it runs on the router thread, not the loop.
+        decision, top, community = await self._in_thread(
+            self._decide, routing_text(text), features, unverified, token_sha256(token)
+        )
+        query = decision.query
         probabilities, chosen = decision.probabilities, decision.chosen_index
         rest = sorted((i for i in range(len(candidates)) if i != chosen), key=lambda i: -probabilities[i])
         explanation = {
@@ -306,9 +405,12 @@ class Router:
                     "node": c.features.node_id,
                     "local": c.features.local,
                     "probability": round(p, 4),
+                    "verified": c.verified,
+                    "evidence": c.assessment.describe(),
                 }
                 for c, p in sorted(zip(candidates, probabilities), key=lambda cp: -cp[1])
             ],
+            "evidence": _evidence_line(candidates[chosen]),
             "top_features": [[name, round(weight, 4)] for name, weight in top],
         }
         if community is not None:
@@ -317,15 +419,16 @@ class Router:
         return Routed(decision, tuple(candidates), (chosen, *rest), token, explanation)
 
     def _decide(
-        self, text: str, query: QueryFeatures, features: list[ExpertFeatures], token_hash: str
+        self, text: str, features: list[ExpertFeatures], unverified: list[bool], token_hash: str
     ) -> tuple[Decision, list[tuple[str, float]], CommunityUse | None]:
         """On the router thread: probabilities, a sample seeded by the decision id, the ledger record, the explanation."""
+        query = self._private(query_features(text))
         decision_id = DecisionId(uuid.uuid4().hex)
         community = None
         if self.community is not None:
             # The ledger logs the candidates as the policy saw them, community prior included, so replay is exact.
             features, community = self.community.apply(features, query.task)
-        probabilities = self._policy.probabilities(query, features)
+        probabilities = cap_unverified_share(self._policy.probabilities(query, features), unverified, self._unverified_share_max)
         chosen = sample_index(probabilities, rng_for_decision(decision_id))
         decision = Decision(
             decision_id=decision_id,
@@ -340,6 +443,17 @@ class Router:
         )
         self.ledger.record_decision(decision)
         return decision, self._policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES), community
+
+    def _private(self, query: QueryFeatures) -> QueryFeatures:
+        """The query as the ledger keeps it: words as keyed hashes unless plain words are configured."""
+        if self._salt is None:
+            return query
+        hashed = tuple("h" + hmac.new(self._salt, w.encode(), hashlib.sha256).hexdigest()[:12] for w in query.words)
+        return dataclasses.replace(query, words=hashed)
+
+    async def forget(self, decision_id: str) -> None:
+        """Delete a decision whose request was refused before any answer: nothing to learn from it."""
+        await self._in_thread(self.ledger.forget, DecisionId(decision_id))
 
     async def record_fallback(self, decision_id: str, index: int, reason: str) -> None:
         """Note in the ledger that another candidate answered."""

@@ -135,10 +135,14 @@ def parse_body(body: bytes, shape: type[Request]) -> Request:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
         return shape.model_validate(data)
+    except RecursionError as exc:
+        raise InvalidRequest("request body is nested too deeply") from exc
     except ValidationError as exc:
         error = exc.errors()[0]
         param = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part)) or None

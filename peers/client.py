@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import AsyncIterator, TypeVar
@@ -9,10 +10,11 @@ from typing import AsyncIterator, TypeVar
 import aiohttp
 import msgpack
 
-from peers.relay import parse_relayed_url
+from peers import auth
+from peers.identity import NodeIdentity, node_id_from_public_key
+from peers.relay import RelayedAddress, parse_relayed_url
 from peers.relay_client import RelayErrors, nonce_headers, open_verified
 from peers.wire import (
-    BODY_HMAC_HEADER,
     CONTENT_TYPE,
     CardSubmission,
     FrameReader,
@@ -24,7 +26,6 @@ from peers.wire import (
     PeersRequest,
     WireError,
     WireMessage,
-    body_hmac,
     decode,
     encode,
 )
@@ -64,27 +65,49 @@ class PeerProtocolError(PeerError):
     """The peer sent something that is not valid protocol."""
 
 
-class PeerClient:
-    """Calls other nodes' peer APIs; one instance per node, sharing one session."""
+class PeerUnauthentic(PeerUnreachable):
+    """The reply is not signed by the node asked (or lacks the community's membership tag)."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, secret: bytes | None = None, idle_timeout_s: float = 60.0) -> None:
+
+class PeerClient:
+    """Calls other nodes' peer APIs; one instance per node, sharing one session.
+
+    Every request is signed with this node's key (and tagged with the community secret, if
+    any); every reply must be signed by the node asked, bound to the request's nonce.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        identity: NodeIdentity | None = None,
+        secret: bytes | None = None,
+        idle_timeout_s: float = 60.0,
+        stream_deadline_s: float = 600.0,
+    ) -> None:
         self._session = session
+        self._identity = identity if identity is not None else NodeIdentity.generate()
         self._secret = secret
         self._idle_timeout_s = idle_timeout_s
+        self._stream_deadline_s = stream_deadline_s
 
-    def _headers(self, body: bytes) -> dict[str, str]:
+    def _headers(self, route: str, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": CONTENT_TYPE}
-        if self._secret is not None:
-            headers[BODY_HMAC_HEADER] = body_hmac(self._secret, body)
+        headers.update(auth.sign_request(self._identity, "POST", f"{PEER_PATH}/{route}", body, secret=self._secret))
         return headers
 
-    async def _post(self, url: str, route: str, body: bytes, timeout: aiohttp.ClientTimeout):
+    def _check_reply(self, url: str, headers, nonce: str, status: int, body: bytes | None, expected_key: bytes | None) -> bytes:
+        try:
+            return auth.verify_reply(headers, nonce, status, body, expected_key=expected_key, secret=self._secret)
+        except auth.AuthError as exc:
+            raise PeerUnauthentic(f"{url}: {exc.message}") from exc
+
+    async def _post(self, url: str, route: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout):
         """POST to a peer route; through a relay, only a reply the node signed end to end is read (peers/relay_client)."""
-        headers = self._headers(body)
         relayed = parse_relayed_url(url)
         if relayed is not None:
             nonce, nonce_header = nonce_headers()
-            headers.update(nonce_header)
+            headers = {**headers, **nonce_header}
         response = await self._session.post(
             f"{url.rstrip('/')}{PEER_PATH}/{route}", data=body, headers=headers, timeout=timeout, allow_redirects=False
         )
@@ -93,47 +116,72 @@ class PeerClient:
         # A reply that fails verification is the relay's doing, not the node's: a broken path, like a cut connection.
         return await open_verified(response, relayed, nonce, route, body, RelayErrors(PeerUnreachable, PeerUnreachable))
 
-    async def _call(self, url: str, route: str, message: WireMessage, reply: type[Reply], timeout_s: float) -> Reply:
+    def _reply_key(
+        self, url: str, response, nonce: str, body: bytes | None, expected_key: bytes | None
+    ) -> bytes | None:
+        """The key that signed the reply; None for a relayed reply, whose envelopes proved the node id instead."""
+        relayed: RelayedAddress | None = parse_relayed_url(url)
+        if relayed is None:
+            return self._check_reply(url, response.headers, nonce, 200, body, expected_key)
+        if expected_key is not None and node_id_from_public_key(expected_key) != relayed.node_id:
+            raise PeerUnauthentic(f"{url}: the relayed address names another node than the one expected")
+        return expected_key
+
+    async def _call(
+        self, url: str, route: str, message: WireMessage, reply: type[Reply], timeout_s: float, expected_key: bytes | None
+    ) -> tuple[Reply, bytes | None]:
         body = encode(message)
+        headers = self._headers(route, body)
         try:
-            response = await self._post(url, route, body, aiohttp.ClientTimeout(total=timeout_s))
+            response = await self._post(url, route, body, headers, aiohttp.ClientTimeout(total=timeout_s))
             try:
                 data = await _read_capped(response, MAX_REPLY_BYTES)
                 if response.status != 200:
                     raise PeerRejected(response.status, _error_text(data))
+                key = self._reply_key(url, response, headers[auth.NONCE_HEADER], data, expected_key)
             finally:
                 response.release()  # back to the pool, as `async with` did
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
-            return decode(data, reply, max_bytes=MAX_REPLY_BYTES)
+            return decode(data, reply, max_bytes=MAX_REPLY_BYTES), key
         except WireError as exc:
             raise PeerProtocolError(f"{url} sent an invalid {reply.TYPE}: {exc}") from exc
 
     async def hello(self, url: str, hello: Hello, *, timeout_s: float = 5.0) -> HelloReply:
-        """Exchange cards with the node at `url`."""
-        return await self._call(url, "hello", hello, HelloReply, timeout_s)
+        """Exchange cards with the node at `url`; the reply must be signed by the key its card names."""
+        reply, key = await self._call(url, "hello", hello, HelloReply, timeout_s, None)
+        relayed = parse_relayed_url(url)
+        if relayed is not None:
+            if reply.card.card.node_id != relayed.node_id:  # the envelopes were signed by the node the address names
+                raise PeerUnauthentic(f"{url}: the relayed hello reply carries another node's card")
+        elif reply.card.card.public_key != key:
+            raise PeerUnauthentic(f"{url}: the hello reply is signed by another key than its card's")
+        return reply
 
-    async def peers(self, url: str, max_peers: int, *, timeout_s: float = 5.0) -> PeersReply:
+    async def peers(self, url: str, max_peers: int, *, timeout_s: float = 5.0, expected_key: bytes | None = None) -> PeersReply:
         """Ask the node at `url` for the peers it knows to be alive."""
-        return await self._call(url, "peers", PeersRequest(max_peers=max_peers), PeersReply, timeout_s)
+        reply, _ = await self._call(url, "peers", PeersRequest(max_peers=max_peers), PeersReply, timeout_s, expected_key)
+        return reply
 
-    async def submit_card(self, url: str, card: bytes, *, timeout_s: float = 5.0) -> None:
+    async def submit_card(self, url: str, card: bytes, *, timeout_s: float = 5.0, expected_key: bytes | None = None) -> None:
         """Hand the node at `url` a signed capability card about one of its experts."""
-        await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s)
+        await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s, expected_key)
 
     async def generate(
-        self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0
+        self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0, expected_key: bytes | None = None
     ) -> AsyncIterator[GenerateFrame]:
         """Run a generation on the node at `url`, yielding its frames as they arrive.
 
-        A peer that sends nothing for `idle_timeout_s` is given up on, so a slow or stalled
-        peer cannot hold a request forever; the stream's size is capped as well.
+        A peer that sends no frame for `idle_timeout_s` is given up on, and so is a stream still
+        running after `stream_deadline_s` (a frame now and then does not keep it alive forever);
+        the stream's size is capped as well.
         """
         body = encode(request)
+        headers = self._headers("generate", body)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=self._idle_timeout_s)
         try:
-            response = await self._post(url, "generate", body, timeout)
+            response = await self._post(url, "generate", body, headers, timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -143,13 +191,23 @@ class PeerClient:
                 raise PeerRejected(
                     response.status, _error_text(data), int(retry_after) if retry_after and retry_after.isdigit() else None
                 )
+            self._reply_key(url, response, headers[auth.NONCE_HEADER], None, expected_key)
             reader = FrameReader(GenerateFrame, max_frame_bytes=MAX_FRAME_BYTES, max_total_bytes=MAX_STREAM_BYTES)
             ended = False
+            loop = asyncio.get_running_loop()
+            deadline_s = loop.time() + self._stream_deadline_s
+            last_frame_s = loop.time()
             while not ended:
+                now_s = loop.time()
+                wait_s = min(last_frame_s + self._idle_timeout_s, deadline_s) - now_s
                 try:
-                    chunk = await response.content.readany()
-                except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                    raise PeerTimedOut(f"{url} sent nothing for {self._idle_timeout_s:.0f} s") from exc
+                    if wait_s <= 0:
+                        raise TimeoutError
+                    chunk = await asyncio.wait_for(response.content.readany(), wait_s)
+                except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                    if loop.time() >= deadline_s:
+                        raise PeerTimedOut(f"{url} was still streaming after the {self._stream_deadline_s:.0f} s deadline") from exc
+                    raise PeerTimedOut(f"{url} sent no frame for {self._idle_timeout_s:.0f} s") from exc
                 except (aiohttp.ClientError, OSError) as exc:
                     raise PeerUnreachable(f"{url} broke off the stream: {type(exc).__name__}") from exc
                 if not chunk:
@@ -157,6 +215,7 @@ class PeerClient:
                 try:
                     reader.feed(chunk)
                     for frame in reader:
+                        last_frame_s = loop.time()  # bytes that complete no frame do not count as life
                         yield frame
                         if frame.kind in ("done", "error"):
                             ended = True

@@ -11,6 +11,8 @@ PENALTIES: Mapping[str, float] = {
     "garbage": 0.4,  # sent frames or replies that are not valid protocol
     "bad_card": 0.5,  # relayed a capability card that does not verify
     "speed_lie": 0.6,  # claimed far more tokens/s than it delivered
+    "model_mismatch": 0.3,  # answered a greedy probe unlike the model file it claims to serve
+    "score_lie": 0.5,  # its own card claims scores this node's own probes contradict
     "timeout": 0.7,  # went silent mid-answer
     "broke_stream": 0.8,  # dropped the connection mid-answer
 }

@@ -13,6 +13,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import (
     ExpertInfo,
@@ -58,19 +59,24 @@ class LyingPeer:
 
     async def _hello(self, request: web.Request) -> web.Response:
         hello = decode(await request.read(), Hello, max_bytes=1 << 20)
-        reply = HelloReply(card=sign_card(self.card(), self.identity), echo_sent_ms=hello.sent_ms)
-        return web.Response(body=encode(reply), content_type="application/msgpack")
+        body = encode(HelloReply(card=sign_card(self.card(), self.identity), echo_sent_ms=hello.sent_ms))
+        # A liar still holds its key: its replies are signed, so it is a peer, if a lying one.
+        signature = auth.sign_reply(self.identity, request.headers[auth.NONCE_HEADER], 200, body)
+        return web.Response(body=body, content_type="application/msgpack", headers=signature)
 
     async def _peers(self, request: web.Request) -> web.Response:
         decode(await request.read(), PeersRequest, max_bytes=1 << 20)
-        return web.Response(body=encode(PeersReply(peers=())), content_type="application/msgpack")
+        body = encode(PeersReply(peers=()))
+        signature = auth.sign_reply(self.identity, request.headers[auth.NONCE_HEADER], 200, body)
+        return web.Response(body=body, content_type="application/msgpack", headers=signature)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         mode = next((m for e, m in self.modes.items() if e.encode() in body), "missing")
         if mode == "missing":
             return web.json_response({"error": {"message": "no such expert"}}, status=404)
-        response = web.StreamResponse(headers={"Content-Type": "application/msgpack"})
+        signature = auth.sign_reply(self.identity, request.headers[auth.NONCE_HEADER], 200, None)
+        response = web.StreamResponse(headers={"Content-Type": "application/msgpack", **signature})
         await response.prepare(request)
         if mode == "garbage":
             await response.write(b"\xc1" * 64)

@@ -16,14 +16,14 @@ import msgpack
 import openai
 import pytest
 
+from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import (
-    BODY_HMAC_HEADER,
+    CONTENT_TYPE,
     ChatMessage,
     GenerateRequest,
     Hello,
     NodeCard,
-    body_hmac,
     encode,
     sign_card,
 )
@@ -31,6 +31,11 @@ from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
 
 FAST = ("--hello-interval-s", "1", "--peer-dead-after-s", "4")
 MEET_TIMEOUT_S = 30.0
+
+
+def signed(identity: NodeIdentity, path: str, body: bytes, secret: bytes | None = None) -> dict[str, str]:
+    """Headers of a peer request signed by `identity`."""
+    return {"Content-Type": CONTENT_TYPE, **auth.sign_request(identity, "POST", path, body, secret=secret)}
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = MEET_TIMEOUT_S, what: str = "condition") -> None:
@@ -130,11 +135,13 @@ async def test_the_peer_api_never_forwards_again(trio) -> None:
         origin_node="someone",
         hops=1,
     )
+    someone = NodeIdentity.generate()
     async with aiohttp.ClientSession() as session:
-        async with session.post(a.url + "/peer/v1/generate", data=encode(request)) as response:
+        body = encode(request)
+        async with session.post(a.url + "/peer/v1/generate", data=body, headers=signed(someone, "/peer/v1/generate", body)) as response:
             assert response.status == 404
-        twice = GenerateRequest(**{**request.__dict__, "expert_id": GEMMA3_ID, "hops": 2})
-        async with session.post(a.url + "/peer/v1/generate", data=encode(twice)) as response:
+        twice = encode(GenerateRequest(**{**request.__dict__, "expert_id": GEMMA3_ID, "hops": 2}))
+        async with session.post(a.url + "/peer/v1/generate", data=twice, headers=signed(someone, "/peer/v1/generate", twice)) as response:
             assert response.status == 400
 
 
@@ -163,10 +170,10 @@ async def test_malformed_oversized_and_forged_peer_messages_are_refused(trio, tm
         (b"\x00" * (300 << 10), 413),
     ]
     async with aiohttp.ClientSession() as session:
-        async with session.post(a.url + "/peer/v1/hello", data=good) as response:
+        async with session.post(a.url + "/peer/v1/hello", data=good, headers=signed(identity, "/peer/v1/hello", good)) as response:
             assert response.status == 200
         for body, status in cases:
-            async with session.post(a.url + "/peer/v1/hello", data=body) as response:
+            async with session.post(a.url + "/peer/v1/hello", data=body, headers=signed(identity, "/peer/v1/hello", body)) as response:
                 assert response.status == status, body[:40]
                 assert (await response.json())["error"]["message"]
 
@@ -247,7 +254,8 @@ def test_community_secret_keeps_outsiders_out(tmp_path: Path) -> None:
             body = _hello_bytes(identity)
             async with aiohttp.ClientSession() as session:
                 statuses = []
-                for headers in ({}, {BODY_HMAC_HEADER: body_hmac(b"wrong", body)}, {BODY_HMAC_HEADER: body_hmac(b"open sesame", body)}):
+                for secret in (None, b"wrong", b"open sesame"):
+                    headers = signed(identity, "/peer/v1/hello", body, secret)
                     async with session.post(a.url + "/peer/v1/hello", data=body, headers=headers) as response:
                         statuses.append(response.status)
                 return tuple(statuses)

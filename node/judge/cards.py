@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import math
 import re
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -399,26 +398,38 @@ def flag_disagreements(cards: Iterable[CapabilityCard]) -> list[Flag]:
 # ---- store -----------------------------------------------------------------------------
 
 
+MAX_CARDS_PER_MODEL = 32  # a flood of throwaway judges cannot grow the store or slow views past this
+MAX_CARDS_PER_JUDGE = 64
+MAX_CARDS = 4096  # in all: many Sybil owners together cannot grow the store past this either
+_VERIFIED_CACHE = 4096
+
+
 class CardStore:
-    """Every verified card about every expert, from every judge; blocking calls, run them off the loop."""
+    """Every verified card about every expert, from every judge; blocking calls, run them off the loop.
+
+    Bounded: at most MAX_CARDS_PER_MODEL cards per model and MAX_CARDS_PER_JUDGE per judge; the
+    oldest cards of judges not in `protected` go first. A database that is not a database is a
+    cache: it is moved aside and rebuilt.
+    """
 
     def __init__(self, path: Path) -> None:
+        from node.state_files import open_cache_db
+
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        self._db.execute(_INDEX)
+        self._verified: dict[bytes, SignedCapabilityCard] = {}
+        self._db = open_cache_db(path, (_SCHEMA, _INDEX))
 
     def close(self) -> None:
         """Close the database."""
         with self._lock:
             self._db.close()
 
-    def put(self, signed: SignedCapabilityCard) -> None:
-        """Verify and store a card, replacing the judge's earlier card on that model and suite."""
+    def put(self, signed: SignedCapabilityCard, protected: frozenset[str] = frozenset()) -> None:
+        """Verify and store a card, replacing the judge's earlier card on that model and suite; enforce the caps."""
         card = verify_capability_card(signed)
         data = encode_signed_card(signed)
+        keep = sorted(protected)
+        marks = ",".join("?" * len(keep)) or "''"
         with self._lock, self._db:
             self._db.execute(
                 "INSERT INTO capability_cards "
@@ -428,6 +439,27 @@ class CardStore:
                 "expert_id=excluded.expert_id, issued_ms=excluded.issued_ms, signed_card=excluded.signed_card",
                 (card.model_sha256, card.suite_version, card.judge_node_id, card.expert_id, card.issued_ms, data),
             )
+            for column, value, cap in (
+                ("model_sha256", card.model_sha256, MAX_CARDS_PER_MODEL),
+                ("judge_node_id", card.judge_node_id, MAX_CARDS_PER_JUDGE),
+                ("1", 1, MAX_CARDS),
+            ):
+                (count,) = self._db.execute(f"SELECT COUNT(*) FROM capability_cards WHERE {column} = ?", (value,)).fetchone()
+                if count > cap:
+                    self._db.execute(
+                        f"DELETE FROM capability_cards WHERE rowid IN (SELECT rowid FROM capability_cards "
+                        f"WHERE {column} = ? AND judge_node_id NOT IN ({marks}) ORDER BY issued_ms LIMIT ?)",
+                        (value, *keep, count - cap),
+                    )
+
+    def all_cards(self) -> list[SignedCapabilityCard]:
+        """Every valid stored card."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model_sha256, suite_version, judge_node_id, expert_id, signed_card FROM capability_cards "
+                "ORDER BY issued_ms, judge_node_id"
+            ).fetchall()
+        return self._valid(rows)
 
     def get(self, model_sha256: str, suite_version: str, judge_node_id: str) -> SignedCapabilityCard | None:
         """The judge's card on this model and suite version, if stored and still valid."""
@@ -453,12 +485,18 @@ class CardStore:
     def _valid(self, rows: list[tuple[Any, ...]]) -> list[SignedCapabilityCard]:
         valid: list[SignedCapabilityCard] = []
         for sha, version, judge, expert_id, data in rows:
-            try:
-                signed = decode_signed_card(data)
-                card = verify_capability_card(signed)
-            except CardError as exc:
-                log.warning("dropping stored card of judge %s on %s: %s", judge, expert_id, exc.message)
-                continue
+            signed = self._verified.get(data)
+            if signed is None:
+                try:
+                    signed = decode_signed_card(data)
+                    verify_capability_card(signed)
+                except CardError as exc:
+                    log.warning("dropping stored card of judge %s on %s: %s", judge, expert_id, exc.message)
+                    continue
+                if len(self._verified) >= _VERIFIED_CACHE:
+                    self._verified.pop(next(iter(self._verified)))
+                self._verified[data] = signed
+            card = signed.card
             if (card.model_sha256, card.suite_version, card.judge_node_id, card.expert_id) != (
                 sha,
                 version,
