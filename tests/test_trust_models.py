@@ -11,36 +11,14 @@ import aiohttp
 import pytest
 
 from tests.nodes import SMOLLM2_ID, start_node
+from tests.test_peers import FAST, get_json, wait_for
 
 SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-from tests.test_peers import FAST, get_json, wait_for
 
 pytestmark = pytest.mark.model
 
-# Until the lead's safe_cpu_kernels (issue 11) lands: this machine's CPU advertises AMX, which the
-# llama.cpp build dies on (SIGILL) at the first generation; the subprocess nodes load without extra buffer types.
-_SAFE_KERNELS = """
-import llama_cpp.llama_cpp as _low
-_original = _low.llama_model_default_params
-def _safe():
-    params = _original()
-    params.use_extra_bufts = False
-    return params
-_low.llama_model_default_params = _safe
-"""
-
-
-def _safe_env(tmp_path: Path) -> dict[str, str]:
-    import os
-
-    folder = tmp_path / "safe_kernels"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_SAFE_KERNELS)
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_megabyte_requests_do_not_block_the_loop_and_refusals_leave_no_decision(tmp_path: Path) -> None:
-    node = start_node(tmp_path / "node", "--model", "smollm2-135m", "--threads", "1", env=_safe_env(tmp_path))
+    node = start_node(tmp_path / "node", "--model", "smollm2-135m", "--threads", "1")
     try:
         before = get_json(node.url + "/v1/router/stats")["decisions"]
         words = " ".join(f"word{i} and" for i in range(100_000))[: (1 << 20) - 4096]
@@ -78,7 +56,7 @@ def test_megabyte_requests_do_not_block_the_loop_and_refusals_leave_no_decision(
 
 
 def test_a_peer_serving_the_same_model_is_verified_by_a_greedy_probe(tmp_path: Path) -> None:
-    env = _safe_env(tmp_path)
+    env: dict[str, str] = {}
     a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--threads", "1", "--spot-check-interval-s", "0.5", *FAST, env=env)
     b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--threads", "1", "--peer", a.url, *FAST, env=env)
     try:
@@ -105,7 +83,7 @@ def test_a_peer_with_another_model_is_verified_by_this_nodes_own_probes(tmp_path
     from peers.identity import NodeIdentity
     from tests.hostile_net import capability_card
 
-    env = _safe_env(tmp_path)
+    env: dict[str, str] = {}
     # B claims a perfect score on every dimension (its own card, as a lying owner would publish it).
     b_identity = NodeIdentity.load_or_create(tmp_path / "b")
     suites = scorable_suites(load_suites(None), False)  # what A's judging run uses (no judge expert)
