@@ -28,13 +28,33 @@ SUITE = "2026.11.1"
 DIMENSIONS = ("arithmetic", "knowledge", "safety")
 
 
+class NoWorker:
+    """Where a model's worker process would be: these tests route and judge cards, never generate."""
+
+    info = None
+    restarts = 0
+    pid = None
+
+    def tokens_per_s(self) -> float:
+        return 0.0
+
+    def submit(self, request: object, sink: object) -> None:
+        raise RuntimeError("a model-free test expert was asked to generate")
+
+    def cancel(self, request_id: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def fake_expert(name: str, sha256: str) -> LocalExpert:
     """A local expert with no model behind it: enough for cards, tables and routing, never asked to generate."""
     spec = ExpertSpec(
         id=expert_id_for(name, sha256), name=name, path=Path("/nonexistent.gguf"), sha256=sha256, size_bytes=0,
         family="test", quantization="Q8_0", prompt_style="completion", n_ctx=2048, params="1M",
     )
-    return LocalExpert(spec, None, queue_size=1)
+    return LocalExpert(spec, None, NoWorker(), queue_size=1)  # type: ignore[arg-type]
 
 
 @dataclass
