@@ -18,8 +18,10 @@ import aiohttp
 from aiohttp import web
 
 from node import keys
-from node.errors import InvalidRequest, PayloadTooLarge
+from node.errors import InvalidRequest
 from peers import directory as pure
+from node.peer_guard import peer_body
+from peers import auth
 from peers.client import PEER_PATH
 from peers.identity import node_id_from_public_key
 from peers.wire import CONTENT_TYPE, Limit, SignedCard, WireError, WireMessage, _wire, decode, encode, verify_card
@@ -80,7 +82,9 @@ class DirectoryService:
         policy: pure.DirectoryPolicy | None = None,
         *,
         rng: random.Random | None = None,
+        sign: Callable[[str, bytes], dict[str, str]] = lambda _path, _body: {},
     ) -> None:
+        self._sign = sign  # signed peer-request headers (peers/auth.py), as every peer route demands
         self._own_card = own_card
         self._partners = partners  # alive peers: node id -> url
         self._session = session
@@ -113,7 +117,8 @@ class DirectoryService:
         body = encode(Gossip(cards=tuple(n.card for n in push)))
         try:
             async with self._session.post(
-                f"{partners[partner].rstrip('/')}{PEER_PATH}/gossip", data=body, headers={"Content-Type": CONTENT_TYPE},
+                f"{partners[partner].rstrip('/')}{PEER_PATH}/gossip", data=body,
+                headers={"Content-Type": CONTENT_TYPE, **self._sign(f"{PEER_PATH}/gossip", body)},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as response:
                 if response.status != 200:
@@ -166,7 +171,14 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
         return {p.node_id: p.url for p in network.alive_peers()}
 
     async with aiohttp.ClientSession() as session:
-        service = DirectoryService(network.node_id, network.signed_card, partners, session)
+        settings = app[keys.settings_key]
+        secret = settings.community_secret.encode() if settings.community_secret else None
+        identity = network.identity
+
+        def sign(path: str, body: bytes) -> dict[str, str]:
+            return auth.sign_request(identity, "POST", path, body, secret=secret)
+
+        service = DirectoryService(network.node_id, network.signed_card, partners, session, sign=sign)
         app[directory_key] = service
         try:
             yield
@@ -176,9 +188,7 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _gossip_route(request: web.Request) -> web.Response:
     """`POST /peer/v1/gossip`: push-pull of signed node cards."""
-    body = await request.content.read(MAX_GOSSIP_BYTES + 1)
-    if len(body) > MAX_GOSSIP_BYTES:
-        raise PayloadTooLarge(f"gossip over {MAX_GOSSIP_BYTES} bytes")
+    body = await peer_body(request, MAX_GOSSIP_BYTES)
     try:
         message = decode(body, Gossip, max_bytes=MAX_GOSSIP_BYTES)
     except WireError as exc:

@@ -20,6 +20,8 @@ from node import keys
 from node.config import Settings
 from node.errors import Forbidden, InvalidRequest, NodeError, PeerUnavailable
 from node.relay import admissions_key, relay_links_key, relay_server_key
+from node.peer_guard import peer_body
+from peers import auth
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.invite import (
@@ -131,8 +133,9 @@ async def join(session: aiohttp.ClientSession, identity: NodeIdentity, invite) -
     last: Exception | None = None
     for address in invite.addresses:
         try:
+            headers = {"Content-Type": CONTENT_TYPE, **auth.sign_request(identity, "POST", f"{PEER_PATH}/join", body)}
             async with session.post(
-                f"{address.rstrip('/')}{PEER_PATH}/join", data=body, headers={"Content-Type": CONTENT_TYPE},
+                f"{address.rstrip('/')}{PEER_PATH}/join", data=body, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=JOIN_TIMEOUT_S),
             ) as response:
                 data = await response.read()
@@ -165,7 +168,7 @@ async def invites_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _join_route(request: web.Request) -> web.Response:
     """`POST /peer/v1/join`: redeem an invite."""
-    body = await request.content.read(4097)
+    body = await peer_body(request, 4096)
     try:
         message = decode(body, JoinRequest, max_bytes=4096)
         node_id = check_join(message, request.app[relay_server_key].identity.node_id)

@@ -122,6 +122,11 @@ class Network:
         """This node's id."""
         return self._identity.node_id
 
+    @property
+    def identity(self) -> NodeIdentity:
+        """This node's key, for modules that sign their own peer requests."""
+        return self._identity
+
     def card(self) -> NodeCard:
         """This node's current card (unsigned)."""
         experts = tuple(

@@ -65,7 +65,7 @@ def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.Replay
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
-        if not request.path.startswith(PEER_PREFIX):
+        if not request.path.startswith(PEER_PREFIX) or _relay_route(request.path):
             return await handler(request)
         identity: NodeIdentity = identity_of(request.app)
         nonce = request.headers.get(auth.NONCE_HEADER, "")
@@ -94,6 +94,20 @@ def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.Replay
         return response
 
     return middleware
+
+
+def _relay_route(path: str) -> bool:
+    """A relay's own routes authenticate end to end instead: the tunnel by a challenge signed with the home
+    node's key, a relayed request at the home node itself (which gets the requester's signed headers)."""
+    from node.relay import CONNECT_PATH, RELAY_PREFIX
+
+    return path == CONNECT_PATH or path.startswith(RELAY_PREFIX + "/")
+
+
+async def peer_body(request: web.Request, cap: int) -> bytes:
+    """The body the guard already read (and authenticated), or read it now under `cap`."""
+    body = request.get(body_key)
+    return body if body is not None else await read_whole_body(request, cap)
 
 
 def stream_reply_headers(request: web.Request, status: int = 200) -> dict[str, str]:
