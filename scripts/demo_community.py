@@ -72,8 +72,8 @@ def ask_and_rate(node: RunningNode, event: int) -> dict:
     return routing
 
 
-def _wait(condition, what: str) -> None:
-    deadline = time.monotonic() + MEET_TIMEOUT_S
+def _wait(condition, what: str, timeout_s: float = MEET_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if condition():
@@ -86,6 +86,11 @@ def _wait(condition, what: str) -> None:
 
 def _models(node: RunningNode) -> set[str]:
     return {m["id"] for m in _request(node.url + "/v1/models")["data"]}
+
+
+def _verified(node: RunningNode) -> set[str]:
+    """Experts this node has verified by its own evidence (local, a greedy probe, or its own judging probes)."""
+    return {e["id"] for e in _request(node.url + "/v1/experts")["data"] if e.get("verified")}
 
 
 def _reporters(node: RunningNode) -> int:
@@ -138,9 +143,15 @@ def teach_and_join(tmp: Path, teach: int, fresh: int) -> dict[str, FreshRun]:
         log.info("taught A and B %d rated queries each in %.0f s", teach, time.perf_counter() - started)
         results = {}
         for name, extra in (("with sharing", ()), ("without sharing", ("--no-community-learning",))):
-            c = start_node(tmp / name.replace(" ", "-"), "--model", "smollm2-135m", "--peer", a.url, "--peer", b.url, *NODE_ARGS, *extra)
+            c = start_node(
+                tmp / name.replace(" ", "-"), "--model", "smollm2-135m", "--peer", a.url, "--peer", b.url,
+                "--spot-check-interval-s", "1", *NODE_ARGS, *extra,
+            )
             nodes.append(c)
             _wait(lambda: GEMMA3_ID in _models(c) and SMOLLM2_ID in _models(c), "the fresh node to list both experts")
+            # Unverified remote experts get a capped share of traffic (README: Trust): the fresh node first checks
+            # B's expert with its own probes, whatever A's and B's users taught.
+            _wait(lambda: GEMMA3_ID in _verified(c), "the fresh node to verify B's expert", timeout_s=300.0)
             if not extra:
                 _wait(lambda: _reporters(c) == 2, "the fresh node to hold A's and B's summaries")
             results[name] = fresh_node_run(c, fresh)

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from peers import auth
 from peers.identity import NodeIdentity
 from peers.learning import verify_summary
 from peers.wire import CONTENT_TYPE, Hello, NodeCard, encode, sign_card
@@ -42,7 +43,8 @@ def _hello_bytes(url: str) -> bytes:
         node_id=stranger.node_id, public_key=stranger.public_key_raw, addresses=(), experts=(), issued_ms=int(time.time() * 1000)
     )
     body = encode(Hello(card=sign_card(card, stranger), sent_ms=int(time.time() * 1000)))
-    request = urllib.request.Request(url + "/peer/v1/hello", data=body, headers={"Content-Type": CONTENT_TYPE})
+    headers = {"Content-Type": CONTENT_TYPE, **auth.sign_request(stranger, "POST", "/peer/v1/hello", body)}
+    request = urllib.request.Request(url + "/peer/v1/hello", data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.read()
 
