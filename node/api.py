@@ -53,6 +53,7 @@ from node.keys import (  # noqa: F401 - re-exported: the app factory and the pee
 from node.network import Network, RemoteExpert
 from peers.table import PeerState
 from node.router import RATINGS, parse_constraints
+from node.structured import response_format_grammar
 from node.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -161,12 +162,15 @@ def resolve_target(app: web.Application, model: str) -> LocalExpert | list[Remot
 def generation_params(request: ChatCompletionRequest | CompletionRequest, settings: Settings) -> GenerationParams:
     """Sampling settings from a request, with the node's defaults."""
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or settings.max_tokens_default
+    grammar = response_format_grammar(request.response_format)
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
         stop=request.stop_list(),
         seed=request.seed,
+        grammar=grammar,
+        response_format=None if grammar is None else json.dumps(request.response_format, separators=(",", ":")),
     )
 
 
@@ -287,7 +291,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = generation_params(body, app[settings_key])
     if body.model == AUTO_MODEL:
         constraints = parse_constraints(body.expertmesh)
-        enabled = _decompose_requested(body, app[settings_key])
+        # One structured answer cannot be several parts under headings.
+        enabled = _decompose_requested(body, app[settings_key]) and params.grammar is None
         query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
         if query_plan.compound:
             generation = await decomposed_generation(app, query_plan, messages, params, constraints)
@@ -296,7 +301,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             generation = routed_generation(app, routed, messages, params)
     else:
         target = resolve_target(app, body.model)
-        if isinstance(target, LocalExpert):
+        if not isinstance(target, list):
             prompt_tokens, stops = target.tokenize_chat(messages)
             generation = start_generation(app, target, prompt_tokens, stops, params)
         else:
@@ -309,7 +314,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     body = parse_body(await read_body(request), CompletionRequest)
     target = resolve_target(app, body.model)
-    if not isinstance(target, LocalExpert):
+    if isinstance(target, list):
         raise InvalidRequest(
             f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
             param="model",
@@ -435,7 +440,7 @@ async def get_model(request: web.Request) -> web.Response:
     app = request.app
     model = request.match_info["model"]
     target = resolve_target(app, model)
-    if isinstance(target, LocalExpert):
+    if not isinstance(target, list):
         return web.json_response(_model_entry(app, None if model == AUTO_MODEL else target))
     return web.json_response(_remote_entry(app, target))
 

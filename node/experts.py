@@ -15,6 +15,7 @@ import jinja2
 
 from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
+from node.structured import compiled_grammar
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class GenerationParams:
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    grammar: str | None = None  # llama.cpp GBNF the output must match (response_format, a specialist's constraint)
+    response_format: str | None = None  # the client's OpenAI response_format as JSON text, for a peer to rebuild `grammar`
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ class LocalExpert:
                     top_p=params.top_p,
                     stop=stops,
                     seed=params.seed,
+                    grammar=compiled_grammar(params.grammar) if params.grammar else None,
                     stream=True,
                     stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: cancelled.is_set()]),
                 )
@@ -260,6 +264,10 @@ class ExpertPool:
     def get(self, expert_id: str) -> LocalExpert | None:
         """The expert with this id, if local."""
         return self._experts.get(ExpertId(expert_id))
+
+    def add(self, expert: LocalExpert) -> None:
+        """Serve one more expert (an adopted specialist)."""
+        self._experts[expert.spec.id] = expert
 
     def first(self) -> LocalExpert | None:
         """The first configured expert."""

@@ -16,7 +16,9 @@ from node.errors import (
     PayloadTooLarge,
     UpgradeRequired,
 )
+from node.adopt import definition_message
 from node.experts import ChatMessage, Delta, Finished, GenerationParams
+from node.structured import forwarded_grammar
 from peers.client import PEER_PATH
 from peers.wire import (
     BODY_HMAC_HEADER,
@@ -102,6 +104,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         top_p=api.DEFAULT_TOP_P if message.top_p is None or message.top_p == 0 else message.top_p,
         stop=tuple(message.stop),
         seed=message.seed,
+        grammar=forwarded_grammar(message.response_format),
+        response_format=message.response_format,
     )
     generation = api.start_generation(app, expert, prompt_tokens, stops, params)
     node_id = app[api.node_info_key].node_id
@@ -139,6 +143,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await events.aclose()
 
 
+async def definition(request: web.Request) -> web.Response:
+    """`GET /peer/v1/experts/{expert_id}/definition`: a served specialist's definition, as data."""
+    secret = request.app[api.settings_key].community_secret
+    if secret is not None and not check_body_hmac(secret.encode(), b"", request.headers.get(BODY_HMAC_HEADER)):
+        raise Forbidden("this network needs its community secret: the request's HMAC is missing or wrong")
+    expert_id = request.match_info["expert_id"]
+    expert = request.app[api.pool_key].get(expert_id)
+    if expert is None:
+        raise ModelNotFound(f"expert {expert_id!r} is not hosted on this node", param="expert_id")
+    message = definition_message(expert)
+    if message is None:
+        raise ModelNotFound(f"expert {expert_id!r} is a plain model, not a specialist with a definition", param="expert_id")
+    return _msgpack_response(message)
+
+
 async def cards(request: web.Request) -> web.Response:
     """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
     message: CardSubmission = await _read_message(request, CardSubmission)
@@ -152,3 +171,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PEER_PATH}/peers", peers)
     app.router.add_post(f"{PEER_PATH}/generate", generate)
     app.router.add_post(f"{PEER_PATH}/cards", cards)
+    app.router.add_get(f"{PEER_PATH}/experts/{{expert_id}}/definition", definition)

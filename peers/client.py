@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import quote
 from typing import AsyncIterator, TypeVar
 
 import aiohttp
@@ -13,6 +14,7 @@ from peers.wire import (
     BODY_HMAC_HEADER,
     CONTENT_TYPE,
     CardSubmission,
+    ExpertDefinition,
     FrameReader,
     GenerateFrame,
     GenerateRequest,
@@ -33,6 +35,7 @@ PEER_PATH = "/peer/v1"
 MAX_REPLY_BYTES = 1 << 20
 MAX_FRAME_BYTES = 64 << 10
 MAX_STREAM_BYTES = 16 << 20
+MAX_DEFINITION_REPLY_BYTES = 80 << 10  # a definition of at most 64 KiB plus its envelope
 
 Reply = TypeVar("Reply", bound=WireMessage)
 
@@ -107,6 +110,25 @@ class PeerClient:
     async def submit_card(self, url: str, card: bytes, *, timeout_s: float = 5.0) -> None:
         """Hand the node at `url` a signed capability card about one of its experts."""
         await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s)
+
+    async def definition(self, url: str, expert_id: str, *, timeout_s: float = 10.0) -> ExpertDefinition:
+        """Fetch the definition of a specialist the node at `url` serves (data only, capped and validated)."""
+        try:
+            async with self._session.get(
+                f"{url.rstrip('/')}{PEER_PATH}/experts/{quote(expert_id, safe='@')}/definition",
+                headers=self._headers(b""),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as response:
+                data = await _read_capped(response, MAX_DEFINITION_REPLY_BYTES)
+                if response.status != 200:
+                    raise PeerRejected(response.status, _error_text(data))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            return decode(data, ExpertDefinition, max_bytes=MAX_DEFINITION_REPLY_BYTES)
+        except WireError as exc:
+            raise PeerProtocolError(f"{url} sent an invalid {ExpertDefinition.TYPE}: {exc}") from exc
 
     async def generate(
         self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0

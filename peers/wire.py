@@ -30,6 +30,8 @@ CONTENT_TYPE = "application/msgpack"
 BODY_HMAC_HEADER = "X-Expertmesh-Body-HMAC"
 MAX_HOPS = 1
 CARD_DIGEST_CHARS = 16
+MAX_DEFINITION_BYTES = 64 << 10
+MAX_RESPONSE_FORMAT_CHARS = 20000
 
 _ERROR_ECHO_CHARS = 40
 
@@ -130,6 +132,10 @@ class ExpertInfo(WireRecord):
     tokens_per_s: float | None = _wire(min_value=0.0)
     # Opaque signed capability cards, verified by whoever reads them.
     cards: tuple[bytes, ...] = _wire((), max_len=16, item=Limit(max_len=4096))
+    # A specialist (a base model plus a definition): its base's sha256 and its definition's digest; "" for a plain model.
+    base_sha256: str = _wire("", max_len=64, check=_lower_hex_problem)
+    definition_digest: str = _wire("", max_len=64, check=_lower_hex_problem)
+    description: str = _wire("", max_len=300)
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,8 @@ class GenerateRequest(WireMessage):
     seed: int | None
     origin_node: NodeId = _wire(**_NODE_ID)
     hops: int = _wire(**_COUNT)
+    # The client's OpenAI `response_format` as JSON text; the serving node builds and checks the grammar itself.
+    response_format: str | None = _wire(None, max_len=MAX_RESPONSE_FORMAT_CHARS)
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,17 @@ class GenerateFrame(WireMessage):
     error: str | None = _wire(None, max_len=2000)
     node_id: str = _wire("", max_len=64)
     expert_id: str = _wire("", max_len=128)
+
+
+@dataclass(frozen=True)
+class ExpertDefinition(WireMessage):
+    """A specialist's definition as data: canonical JSON without its base, which `base_sha256` names."""
+
+    TYPE: ClassVar[str] = "expert_definition"
+    expert_id: str = _wire(**_ID)
+    base_sha256: str = _wire(min_len=64, max_len=64, check=_lower_hex_problem)
+    base_name: str = _wire(max_len=300)
+    definition: bytes = _wire(min_len=2, max_len=MAX_DEFINITION_BYTES)
 
 
 T = TypeVar("T", bound=WireMessage)
