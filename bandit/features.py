@@ -80,6 +80,10 @@ class ExpertFeatures:
     latency_ms_avg: float | None = None
     queue_depth: int = 0
     local: bool = True
+    # A specialist's base model sha256 and definition digest (12 hex each; a plain model: its own sha, no definition),
+    # so what is learned about one specialist carries to its siblings on the same base or with the same prompt.
+    base: str = ""
+    definition: str = ""
 
     def __post_init__(self) -> None:
         # A read-only copy, so a caller's later edits cannot change a logged decision.
@@ -97,6 +101,8 @@ class ExpertFeatures:
                 self.latency_ms_avg,
                 self.queue_depth,
                 self.local,
+                self.base,
+                self.definition,
             )
         )
 
@@ -124,6 +130,8 @@ class ExpertFeatures:
             "latency_ms_avg": self.latency_ms_avg,
             "queue_depth": self.queue_depth,
             "local": self.local,
+            "base": self.base,
+            "definition": self.definition,
         }
 
     @classmethod
@@ -139,6 +147,8 @@ class ExpertFeatures:
             latency_ms_avg=data.get("latency_ms_avg"),
             queue_depth=int(data.get("queue_depth", 0)),
             local=bool(data.get("local", True)),
+            base=str(data.get("base", "")),
+            definition=str(data.get("definition", "")),
         )
 
 
@@ -326,6 +336,10 @@ def _action_base(expert: ExpertFeatures) -> str:
         f"fam={sanitize(expert.family)} size={sanitize(expert.params)} "
         f"quant={sanitize(expert.quantization)} {'local' if expert.local else 'remote'}"
     )
+    if expert.base:
+        identity += f" base={sanitize(expert.base[:12])}"
+    if expert.definition:
+        identity += f" def={sanitize(expert.definition[:12])}"
     scores = " ".join(
         f"{sanitize(dim)}:{_num(min(1.0, max(0.0, v)))}"
         for dim, v in sorted(expert.scores.items())

@@ -53,6 +53,7 @@ from node.keys import (  # noqa: F401 - re-exported: the app factory and the pee
 from node.network import Network, RemoteExpert
 from peers.table import PeerState
 from node.router import RATINGS, parse_constraints
+from node.specialist_serving import specialist_fields
 from node.structured import response_format_grammar
 from node.schemas import (
     ChatCompletionRequest,
@@ -392,6 +393,7 @@ def _model_entry(app: web.Application, expert: LocalExpert | None) -> dict[str, 
             "size_bytes": spec.size_bytes,
             "queue_depth": expert.queue_depth,
             "local": True,
+            **specialist_fields(expert),
         },
     }
 

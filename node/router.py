@@ -254,6 +254,8 @@ class Router:
                 latency_ms_avg=None if average_s is None else average_s * 1000,
                 queue_depth=expert.queue_depth,
                 local=True,
+                base=getattr(expert, "base_sha256", spec.sha256)[:12],
+                definition=getattr(expert, "definition_digest", "")[:12],
             )
             found.append(Candidate(features, spec.sha256, spec.name, local=expert))
         for remote in self._network.remote_experts():
@@ -268,6 +270,8 @@ class Router:
                 latency_ms_avg=remote.peer.rtt_ms,
                 queue_depth=info.queue_depth,
                 local=False,
+                base=(info.base_sha256 or info.sha256)[:12],
+                definition=info.definition_digest[:12],
             )
             found.append(Candidate(features, info.sha256, info.name, remote=remote))
         return [c for c in found if _allowed(c, self._node_constraints) and _allowed(c, constraints)]

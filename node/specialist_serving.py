@@ -56,6 +56,11 @@ class SpecialistExpert:
             prompt_style=definition.prompt_style,
         )
 
+    @property
+    def constrained(self) -> bool:
+        """Whether every answer is held to a grammar or JSON schema."""
+        return self._grammar is not None
+
     # The base's single worker runs every sibling, so admission and load are the base's.
     @property
     def queue_depth(self) -> int:
@@ -160,3 +165,21 @@ def build_specialists(
         specialists.append(specialist)
         log.info("specialist %s on %s (%s)", specialist.spec.id, base.spec.id, source)
     return specialists, extra
+
+
+def specialist_fields(expert: object) -> dict[str, object]:
+    """What a listing shows of a specialist (base, digest, purpose); empty for a plain model."""
+    if not isinstance(expert, SpecialistExpert):
+        return {}
+    definition = expert.definition
+    return {
+        "specialist": {
+            "base": expert.base.spec.id,
+            "base_sha256": expert.base_sha256,
+            "definition_digest": expert.definition_digest,
+            "version": definition.version,
+            "author": definition.author,
+            "description": definition.description,
+            "constrained": expert.constrained,
+        }
+    }
