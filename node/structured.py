@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from node.errors import InvalidRequest
+from node.gbnf import GbnfError, check_gbnf
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,16 @@ class GrammarError(InvalidRequest):
 
 @functools.lru_cache(maxsize=64)
 def compiled_grammar(gbnf: str):
-    """llama.cpp's parsed grammar for GBNF text (cached: parsing is per text, sampling state is per call)."""
+    """llama-cpp-python's grammar object for checked GBNF text (cached; its sampler is made per call)."""
     from llama_cpp.llama_grammar import LlamaGrammar
 
+    # llama-cpp-python passes the text on unparsed and llama.cpp answers a bad grammar with a null sampler:
+    # check it here, so a bad grammar is a clear error and never a crash.
     try:
-        return LlamaGrammar.from_string(gbnf, verbose=False)
-    except _CONVERTER_ERRORS as exc:
+        check_gbnf(gbnf)
+    except GbnfError as exc:
         raise GrammarError(f"not a valid GBNF grammar: {exc}") from exc
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def check_grammar(gbnf: str) -> None:

@@ -22,7 +22,8 @@ from node.specialists import (
     specialist_id,
     to_toml,
 )
-from node.structured import GrammarError, forwarded_grammar, response_format_grammar
+from node.gbnf import check_gbnf
+from node.structured import GrammarError, compiled_grammar, forwarded_grammar, response_format_grammar
 from peers.wire import ExpertDefinition, decode, encode
 
 SMOLLM2_SHA = CATALOG["smollm2-135m"].sha256
@@ -213,3 +214,44 @@ def test_a_bad_response_format_names_the_field(response_format: object, param: s
         response_format_grammar(response_format)
     assert caught.value.param == param
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("grammar", "problem"),
+    [
+        ('root ::= ("yes" | ', "expected )"),
+        ("root ::= answer", "undefined rule 'answer'"),
+        ('answer ::= "a"', "no 'root' rule"),
+        ('root ::= root "a"', "left recursion"),
+        ('root ::= a\na ::= ""? root', "left recursion"),
+        ('root ::= "\\q"', "unknown escape"),
+        ("root ::= []", "empty character class"),
+        ('root ::= "a"{5,2}', "maximum below its minimum"),
+        ('root ::= "a"{1,100000}', "repetition over"),
+        ('root ::= "a" "b', "unexpected end"),
+        ('root ::= "a"\nroot ::= "b"', "defined twice"),
+    ],
+)
+def test_a_grammar_llama_cpp_would_refuse_is_refused_here(grammar: str, problem: str) -> None:
+    """llama-cpp-python passes grammar text on unparsed; a bad one must be a clear 400, never a null sampler."""
+    with pytest.raises(GrammarError, match=re.escape(problem)):
+        compiled_grammar(grammar)
+
+
+def test_grammars_llama_cpp_ships_and_builds_pass_the_check() -> None:
+    from llama_cpp import llama_grammar
+
+    for name in ("JSON_GBNF", "JSON_ARR_GBNF", "ARITHMETIC_GBNF", "C_GBNF", "CHESS_GBNF", "LIST_GBNF"):
+        check_gbnf(getattr(llama_grammar, name))
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "n": {"type": "integer", "minimum": 0, "maximum": 100},
+            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+            "when": {"type": "string", "format": "date"},
+            "kind": {"oneOf": [{"type": "null"}, {"const": "x"}]},
+        },
+        "required": ["city"],
+    }
+    check_gbnf(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
