@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Any
 
 from node.errors import InvalidRequest
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 
 MAX_SCHEMA_CHARS = 16000  # what a response_format schema may weigh as JSON text
 MAX_GRAMMAR_CHARS = 64000  # a grammar built from an allowed schema stays well under this
+MAX_SCHEMA_COUNT = 1000  # minLength/maxLength/minItems/maxItems: the converter writes each count out
+MAX_SCHEMA_BOUND = 1e18  # minimum/maximum
+MAX_PATTERN_EXPANSION = 4096  # product of a pattern's {m,n} counts
 _CONVERTER_ERRORS = (ValueError, KeyError, TypeError, IndexError, AssertionError, RecursionError, NotImplementedError)
 
 
@@ -60,14 +64,52 @@ def check_schema(schema: Any, param: str) -> None:
         ) from exc
 
 
+_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_PATTERN_COUNT_RE = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_schema_cost(schema: Any, param: str) -> None:
+    """Refuse what would make the converter fetch a URL or write an enormous grammar (it expands counts in full)."""
+    stack: list[tuple[Any, str]] = [(schema, param)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        ref = node.get("$ref")
+        if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+            raise GrammarError("only local references ($ref starting with #) are allowed", param=f"{path}.$ref")
+        for key in _COUNT_KEYS:
+            value = node.get(key)
+            if isinstance(value, int) and value > MAX_SCHEMA_COUNT:
+                raise GrammarError(f"{key} may be at most {MAX_SCHEMA_COUNT} here", param=f"{path}.{key}")
+        for key in _BOUND_KEYS:
+            value = node.get(key)
+            if isinstance(value, (int, float)) and abs(value) > MAX_SCHEMA_BOUND:
+                raise GrammarError(f"{key} may be at most {MAX_SCHEMA_BOUND:g} in size here", param=f"{path}.{key}")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            # Each counted repetition multiplies the grammar's size; bound the product.
+            product = 1
+            for low, high in _PATTERN_COUNT_RE.findall(pattern):
+                product *= max(int(low), int(high or 0), 1)
+                if product > MAX_PATTERN_EXPANSION:
+                    raise GrammarError("this pattern's counted repetitions are too large for a grammar", param=f"{path}.pattern")
+        stack.extend((v, f"{path}.{k}") for k, v in node.items() if isinstance(v, (dict, list)))
+
+
 def schema_grammar(schema: Any, param: str = "json_schema") -> str:
     """GBNF that only admits JSON documents valid under `schema` (llama-cpp-python's converter)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    check_schema(schema, param)
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_CHARS:
         raise GrammarError(f"a JSON schema may be at most {MAX_SCHEMA_CHARS} characters", param=param)
+    check_schema(schema, param)
+    _check_schema_cost(schema, param)
     try:
         gbnf = json_schema_to_gbnf(text)
     except _CONVERTER_ERRORS as exc:

@@ -255,3 +255,20 @@ def test_grammars_llama_cpp_ships_and_builds_pass_the_check() -> None:
         "required": ["city"],
     }
     check_gbnf(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
+
+
+@pytest.mark.parametrize(
+    ("schema", "param"),
+    [
+        ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "response_format.json_schema.schema.properties.a.$ref"),
+        ({"type": "string", "maxLength": 100_000_000}, "response_format.json_schema.schema.maxLength"),
+        ({"type": "array", "items": {"type": "string"}, "minItems": 5000}, "response_format.json_schema.schema.minItems"),
+        ({"type": "string", "pattern": "^(a{100}){100}$"}, "response_format.json_schema.schema.pattern"),
+        ({"type": "integer", "maximum": 1e300}, "response_format.json_schema.schema.maximum"),
+    ],
+)
+def test_a_schema_that_would_fetch_or_explode_is_refused(schema: dict, param: str) -> None:
+    """The converter fetches https $refs and writes repetition counts out in full: neither may reach it."""
+    with pytest.raises(GrammarError) as caught:
+        response_format_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert caught.value.param == param
