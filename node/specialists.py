@@ -121,7 +121,9 @@ def parse_definition(data: Any, source: str) -> Definition:
     try:
         return Definition.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelt key also makes its real name "missing": the typo is the useful thing to name.
+        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         field = _field_path(error)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

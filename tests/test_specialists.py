@@ -135,7 +135,9 @@ def test_shipped_ids_are_pinned() -> None:
     assert specialist_id(definition, SMOLLM2_SHA) == "capitals@" + PINNED_CAPITALS_DIGEST
 
 
-PINNED_CAPITALS_DIGEST = "PIN"
+# sha256(b"expertmesh-specialist-v1\0" + base sha256 + b"\0" + canonical JSON)[:12], written down once:
+# a change here means every node's ids (and every card about specialists) would change.
+PINNED_CAPITALS_DIGEST = "6039e24d67ec"
 
 
 def test_toml_round_trip_keeps_the_expert(tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_toml_round_trip_keeps_the_expert(tmp_path: Path) -> None:
         path.write_text(to_toml(definition))
         again = load_definition(path)
         assert again == definition
-    tricky = parse_toml(GOOD.replace("Answer with", 'Say "quoted" \\\\ back\\tslash \\u007f é 𝄞 with'), "t")
+    tricky = parse_toml(GOOD, "t").model_copy(update={"system": 'Say "quoted" \\ back\tslash \x7f é 𝄞\nline two'})
     path = tmp_path / "tricky.toml"
     path.write_text(to_toml(tricky))
     assert load_definition(path) == tricky
