@@ -28,17 +28,22 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _answer(expert: Any, prompt: str, max_tokens: int = 8) -> str:
+def _answer(expert: Any, prompt: str, max_tokens: int = 8, grammar: str | None = None) -> str:
     async def run() -> str:
         tokens, stops = expert.tokenize_chat([ChatMessage("user", prompt)])
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0, grammar=grammar)
         expert.admit()
         try:
-            texts = [e.text async for e in expert.generate(tokens, stops, GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=0)) if isinstance(e, Delta)]
+            texts = [e.text async for e in expert.generate(tokens, stops, params) if isinstance(e, Delta)]
         finally:
             expert.release()
         return "".join(texts)
 
     return asyncio.run(run())
+
+
+# A prompt longer than any specialist's framed prompt below, so buffers for long prompts are in use before measuring.
+WARM_UP = "Please read this and say hello. " + "The quick brown fox jumps over the lazy dog. " * 20
 
 
 def test_two_definitions_on_one_base_cost_no_second_model() -> None:
@@ -48,17 +53,19 @@ def test_two_definitions_on_one_base_cost_no_second_model() -> None:
     def load(m: catalog.ModelFile):
         return load_expert(m, n_ctx=256, n_threads=1, n_gpu_layers=0, queue_size=1)
 
+    definitions = [resolve_definition("sentiment"), resolve_definition("translator")]  # parsing is not what is measured
     base = load(model)
-    _answer(base, "Hello")  # every weight page touched once
+    # Every weight page, the long-prompt buffers and a grammar's sampler in use once, before measuring.
+    _answer(base, WARM_UP)
+    _answer(base, "Say yes.", grammar='root ::= "yes" | "no"')
     before = _rss_bytes()
-    definitions = [resolve_definition("sentiment"), resolve_definition("translator")]
     specialists, extra = build_specialists(definitions, [base], load, models_dir)
     for specialist in specialists:
         _answer(specialist, 'Translate "cat" into French.')
     with_specialists = _rss_bytes()
     # The baseline, measured in the same process: the same base loaded a second time.
     second = load(model)
-    _answer(second, "Hello")
+    _answer(second, WARM_UP)
     with_second_model = _rss_bytes()
     try:
         assert extra == [] and all(s.base is base for s in specialists)
