@@ -115,14 +115,20 @@ class SpecialistExpert:
         return self.base.tokenize_text(prompt)
 
     def params_for(self, params: GenerationParams) -> GenerationParams:
-        """The request's settings under the definition: its sampling, max_tokens as a cap, its constraint unless the request brings one."""
+        """The request's settings under the definition: its sampling, its max_tokens as a cap and its constraint.
+
+        A request that brings its own constraint (`response_format`) replaces the definition's, and with it the
+        definition's max_tokens cap, which was sized for the definition's own output.
+        """
         sampling = self.definition.sampling
+        if params.grammar is not None:
+            return dataclasses.replace(params, temperature=sampling.temperature, top_p=sampling.top_p)
         return dataclasses.replace(
             params,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=min(params.max_tokens, sampling.max_tokens),
-            grammar=params.grammar if params.grammar is not None else self._grammar,
+            grammar=self._grammar,
         )
 
     async def generate(
