@@ -80,8 +80,8 @@ class ExpertFeatures:
     latency_ms_avg: float | None = None
     queue_depth: int = 0
     local: bool = True
-    # A specialist's base model sha256 and definition digest (12 hex each; a plain model: its own sha, no definition),
-    # so what is learned about one specialist carries to its siblings on the same base or with the same prompt.
+    # A specialist's base model sha256 and definition digest (12 hex each; empty for a plain model), so what is
+    # learned about one specialist carries to its siblings on the same base or with the same prompt.
     base: str = ""
     definition: str = ""
 

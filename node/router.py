@@ -254,7 +254,8 @@ class Router:
                 latency_ms_avg=None if average_s is None else average_s * 1000,
                 queue_depth=expert.queue_depth,
                 local=True,
-                base=getattr(expert, "base_sha256", spec.sha256)[:12],
+                # Only specialists: for a plain model these would repeat its id, which doubles its learning rate.
+                base=getattr(expert, "base_sha256", "")[:12],
                 definition=getattr(expert, "definition_digest", "")[:12],
             )
             found.append(Candidate(features, spec.sha256, spec.name, local=expert))
@@ -270,7 +271,7 @@ class Router:
                 latency_ms_avg=remote.peer.rtt_ms,
                 queue_depth=info.queue_depth,
                 local=False,
-                base=(info.base_sha256 or info.sha256)[:12],
+                base=info.base_sha256[:12],
                 definition=info.definition_digest[:12],
             )
             found.append(Candidate(features, info.sha256, info.name, remote=remote))
