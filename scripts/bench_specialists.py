@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "family": e.spec.family or "unknown",
             "params": e.spec.params or "unknown",
             "quantization": e.spec.quantization or "unknown",
-            "base": getattr(e, "base_sha256", e.spec.sha256)[:12],
+            "base": getattr(e, "base_sha256", "")[:12],
             "definition": getattr(e, "definition_digest", "")[:12],
         }
         for e in experts
