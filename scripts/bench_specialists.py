@@ -36,9 +36,9 @@ log = logging.getLogger("bench_specialists")
 CHECKPOINTS = (100, 300, 600)
 GOAL_MARGIN_POINTS = 10.0
 GOAL_PERCENT_OF_ORACLE = 90.0
-MAX_TOKENS = 48
-JUDGE_DIMENSIONS = ("arithmetic", "classification", "knowledge", "reasoning", "safety", "translation")
-CACHE_VERSION = 1
+MAX_TOKENS = 24  # enough for every checker here; the specialists stop earlier on their own
+JUDGE_DIMENSIONS = ("arithmetic", "classification", "knowledge", "reasoning", "translation")
+CACHE_VERSION = 2
 
 # ---- the workload: five task kinds, none of them judge-suite items ---------------------------
 
@@ -171,20 +171,22 @@ REVIEWS = [
 SENTIMENT_LABELS = ("positive", "negative")
 
 
-def workload(n_arithmetic: int = 40) -> list[Item]:
-    """The mixed workload: capitals, who made it, translation, sentiment and arithmetic."""
+def workload(per_task: int) -> list[Item]:
+    """The mixed workload: capitals, who made it, translation, sentiment and arithmetic; `per_task` items of each."""
     items: list[Item] = []
-    for i, (country, capital) in enumerate(CAPITALS.items()):
+    for i, (country, capital) in enumerate(list(CAPITALS.items())[:per_task]):
         items.append(Item(f"capital-{i}", "capitals", f"What is the capital of {country}?", _contains(capital)))
-    for i, (question, maker) in enumerate(MAKERS):
+    for i, (question, maker) in enumerate(MAKERS[:per_task]):
         items.append(Item(f"maker-{i}", "who-made-it", question, _contains(maker)))
-    for i, (word, language, accepted) in enumerate(TRANSLATIONS):
+    for i, (word, language, accepted) in enumerate(TRANSLATIONS[:per_task]):
         items.append(Item(f"translate-{i}", "translation", f'Translate "{word}" into {language}.', _contains(*accepted)))
-    for i, (review, label) in enumerate(REVIEWS):
+    # Positive and negative alternate, so any prefix is balanced.
+    reviews = [r for pair in zip(REVIEWS[:20], REVIEWS[20:]) for r in pair]
+    for i, (review, label) in enumerate(reviews[:per_task]):
         prompt = f'Is this review positive or negative? "{review}"'
         items.append(Item(f"sentiment-{i}", "sentiment", prompt, _first_label(label, SENTIMENT_LABELS)))
     rng = random.Random(15)
-    for i in range(n_arithmetic):
+    for i in range(per_task):
         a, b = rng.randint(11, 99), rng.randint(11, 99)
         op = rng.choice(["+", "-", "*"])
         value = a + b if op == "+" else a - b if op == "-" else a * b
@@ -351,14 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=catalog.default_models_dir())
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "expertmesh" / "bench_specialists.json")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--judge-items", type=int, default=12, help="judge-suite items per dimension for the profiles")
+    parser.add_argument("--per-task", type=int, default=12, help="workload items per task kind (at most 40)")
+    parser.add_argument("--judge-items", type=int, default=4, help="judge-suite items per dimension for the profiles")
     parser.add_argument("--seeds", type=int, default=5, help="train/test splits (and router seeds) averaged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("node.experts", "node.specialist_serving", "node.judge.runner"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    items = workload()
+    items = workload(args.per_task)
     check_disjoint_from_suites(items)
     experts = load_experts(args.models_dir, args.threads)
     answers = asyncio.run(answer_all(experts, items, args.cache))
