@@ -293,7 +293,11 @@ def _accuracy(chosen: dict[str, str], items: list[Item], correct: dict[str, dict
 
 
 def replay(
-    items: list[Item], experts: list[ExpertFeatures], correct: dict[str, dict[str, bool]], seed: int
+    items: list[Item],
+    experts: list[ExpertFeatures],
+    correct: dict[str, dict[str, bool]],
+    seed: int,
+    policy_options: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """One split of the items (train stream / held-out test), every policy's per-task accuracy on the test half."""
     rng = random.Random(seed)
@@ -322,7 +326,7 @@ def replay(
         task_test = [i for i in test if i.task == task]
         oracle[task] = max(ids, key=lambda e: sum(correct[e][i.id] for i in task_test))
     table["per-task oracle"] = _accuracy({i.id: oracle[i.task] for i in test}, test, correct)
-    policy = Policy(seed=seed)
+    policy = Policy(seed=seed, **(policy_options or {}))
     rated = 0
     for checkpoint in CHECKPOINTS:
         while rated < checkpoint:
@@ -356,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-task", type=int, default=12, help="workload items per task kind (at most 40)")
     parser.add_argument("--judge-items", type=int, default=4, help="judge-suite items per dimension for the profiles")
     parser.add_argument("--seeds", type=int, default=5, help="train/test splits (and router seeds) averaged")
+    parser.add_argument("--prior-weight", type=float, help="router policy: weight of the judged-score prior (node default 1.0)")
+    parser.add_argument("--gamma-scale", type=float, help="router policy: SquareCB gamma (node default 400)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("node.experts", "node.specialist_serving", "node.judge.runner"):
@@ -389,13 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     for expert_id, scores in profiles.items():
         out.write(f"{expert_id:<{width}}" + "".join(f"{scores.get(d, float('nan')):>15.2f}" for d in dims) + "\n")
 
-    tables = [replay(items, features, correct, seed) for seed in range(args.seeds)]
+    options = {k: v for k, v in (("prior_weight", args.prior_weight), ("gamma_scale", args.gamma_scale)) if v is not None}
+    tables = [replay(items, features, correct, seed, options) for seed in range(args.seeds)]
     table = _mean_tables(tables)
     tasks = sorted({i.task for i in items})
     out.write(
         f"\nRouting on a mixed workload of {len(items)} items ({', '.join(tasks)}), automatic checkers, "
         f"thumbs from the checker.\nEach expert answered each item once (cached in {args.cache}); the real "
-        f"router policy (bandit.policy.Policy, VW) was replayed over those cached outcomes.\nAccuracy %% on the "
+        f"router policy (bandit.policy.Policy, VW, {options or 'the node defaults'}) was replayed over those cached "
+        f"outcomes.\nAccuracy % on the "
         f"held-out half of each task, mean over {args.seeds} random splits/seeds.\n\n"
     )
     width = max(len(r) for r in table) + 2
