@@ -83,6 +83,10 @@ class ExpertFeatures:
     running: int = 0  # requests holding a sequence slot
     waiting: int = 0  # requests queued for a slot: the part of the queue that costs time
     tokens_per_s: float | None = None  # all slots together, recently (local) or as judged (remote)
+    # A specialist's base model sha256 and definition digest (12 hex each; empty for a plain model), so what is
+    # learned about one specialist carries to its siblings on the same base or with the same prompt.
+    base: str = ""
+    definition: str = ""
 
     def __post_init__(self) -> None:
         # A read-only copy, so a caller's later edits cannot change a logged decision.
@@ -103,6 +107,8 @@ class ExpertFeatures:
                 self.running,
                 self.waiting,
                 self.tokens_per_s,
+                self.base,
+                self.definition,
             )
         )
 
@@ -133,6 +139,8 @@ class ExpertFeatures:
             "running": self.running,
             "waiting": self.waiting,
             "tokens_per_s": self.tokens_per_s,
+            "base": self.base,
+            "definition": self.definition,
         }
 
     @classmethod
@@ -151,6 +159,8 @@ class ExpertFeatures:
             running=int(data.get("running", 0)),
             waiting=int(data.get("waiting", 0)),
             tokens_per_s=data.get("tokens_per_s"),
+            base=str(data.get("base", "")),
+            definition=str(data.get("definition", "")),
         )
 
 
@@ -338,6 +348,10 @@ def _action_base(expert: ExpertFeatures) -> str:
         f"fam={sanitize(expert.family)} size={sanitize(expert.params)} "
         f"quant={sanitize(expert.quantization)} {'local' if expert.local else 'remote'}"
     )
+    if expert.base:
+        identity += f" base={sanitize(expert.base[:12])}"
+    if expert.definition:
+        identity += f" def={sanitize(expert.definition[:12])}"
     scores = " ".join(
         f"{sanitize(dim)}:{_num(min(1.0, max(0.0, v)))}"
         for dim, v in sorted(expert.scores.items())

@@ -54,6 +54,8 @@ from node.network import Network, RemoteExpert
 from node.relay import reach_of
 from peers.table import PeerState
 from node.router import RATINGS, parse_constraints
+from node.specialist_serving import specialist_fields
+from node.structured import response_format_grammar
 from node.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -162,12 +164,15 @@ def resolve_target(app: web.Application, model: str) -> LocalExpert | list[Remot
 def generation_params(request: ChatCompletionRequest | CompletionRequest, settings: Settings) -> GenerationParams:
     """Sampling settings from a request, with the node's defaults."""
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or settings.max_tokens_default
+    grammar = response_format_grammar(request.response_format)
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
         stop=request.stop_list(),
         seed=request.seed,
+        grammar=grammar,
+        response_format=None if grammar is None else json.dumps(request.response_format, separators=(",", ":")),
     )
 
 
@@ -288,7 +293,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = generation_params(body, app[settings_key])
     constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
     if body.model == AUTO_MODEL:
-        enabled = _decompose_requested(body, app[settings_key])
+        # One structured answer cannot be several parts under headings.
+        enabled = _decompose_requested(body, app[settings_key]) and params.grammar is None
         query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
         if query_plan.compound:
             generation = await decomposed_generation(app, query_plan, messages, params, constraints)
@@ -297,7 +303,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             generation = routed_generation(app, routed, messages, params)
     else:
         target = resolve_target(app, body.model)
-        if isinstance(target, LocalExpert):
+        if not isinstance(target, list):
             prompt_tokens, stops = await asyncio.to_thread(target.tokenize_chat, messages)
             generation = start_generation(app, target, prompt_tokens, stops, params)
         else:
@@ -310,7 +316,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     body = parse_body(await read_body(request), CompletionRequest)
     target = resolve_target(app, body.model)
-    if not isinstance(target, LocalExpert):
+    if isinstance(target, list):
         raise InvalidRequest(
             f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
             param="model",
@@ -388,6 +394,7 @@ def _model_entry(app: web.Application, expert: LocalExpert | None) -> dict[str, 
             "size_bytes": spec.size_bytes,
             "queue_depth": expert.queue_depth,
             "local": True,
+            **specialist_fields(expert),
         },
     }
 
@@ -436,7 +443,7 @@ async def get_model(request: web.Request) -> web.Response:
     app = request.app
     model = request.match_info["model"]
     target = resolve_target(app, model)
-    if isinstance(target, LocalExpert):
+    if not isinstance(target, list):
         return web.json_response(_model_entry(app, None if model == AUTO_MODEL else target))
     return web.json_response(_remote_entry(app, target))
 

@@ -15,7 +15,7 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
-from node import api, catalog, directory, invites, peer_api, relay, selfcheck, web_routes
+from node import adopt, api, catalog, directory, invites, peer_api, relay, selfcheck, web_routes
 from node.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.community import Community
 from node.peer_guard import peer_guard_middleware
@@ -23,10 +23,13 @@ from node.config import Settings
 from node.errors import NodeError
 from node.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.judging import Judging
+from node.keys import specialist_bases_key
 from node.metrics import create_metrics
 from node.network import Network
 from node.peer_store import PeerStore
 from node.router import RouteConstraints, Router
+from node.specialist_serving import build_specialists
+from node.specialists import folder_definitions, resolve_definition
 from peers.client import PeerClient
 from peers.identity import NodeIdentity
 
@@ -39,8 +42,12 @@ IDLE_CONNECTION_TIMEOUT_S = 15.0
 NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and tests can find a port-0 node
 
 
-def _load_experts(settings: Settings) -> list[LocalExpert]:
-    """Resolve (pulling when needed), self-check the CPU, then load every configured model; blocking."""
+def _load_experts(settings: Settings) -> tuple[list[LocalExpert], list[LocalExpert]]:
+    """Resolve (pulling when needed), self-check the CPU, load every configured model, then the specialists on them;
+    blocking.
+
+    Returns the served experts and the bases loaded only for specialists (served through them, closed at the end).
+    """
     experts: list[LocalExpert] = []
     seen: set[str] = set()
     models = [catalog.resolve(name_or_path, settings.models_dir, progress=True) for name_or_path in settings.models]
@@ -48,8 +55,9 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
         settings.safe_cpu_kernels, settings.data_dir, [(m.sha256, m.path) for m in models], n_threads=settings.n_threads
     )
     selfcheck.log_verdict(verdict)
-    for model in models:
-        expert = load_expert(
+
+    def load(model: catalog.ModelFile) -> LocalExpert:
+        return load_expert(
             model,
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
@@ -58,13 +66,18 @@ def _load_experts(settings: Settings) -> list[LocalExpert]:
             safe_cpu_kernels=verdict.safe_cpu_kernels,
             parallel=settings.parallel,
         )
+
+    for model in models:
+        expert = load(model)
         if expert.spec.id in seen:
             log.warning("model %s is configured twice; serving it once", expert.spec.id)
             expert.close()
             continue
         seen.add(expert.spec.id)
         experts.append(expert)
-    return experts
+    definitions = [resolve_definition(e) for e in settings.experts] + folder_definitions(settings.data_dir)
+    specialists, hidden_bases = build_specialists(definitions, experts, load, settings.models_dir)
+    return [*experts, *specialists], hidden_bases
 
 
 async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -84,19 +97,23 @@ async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
     if preloaded_experts_key in app:
         # Experts built by the caller (tests of the network layer that need no model); owned by the caller.
         app[api.pool_key] = ExpertPool(app[preloaded_experts_key])
+        app[specialist_bases_key] = []
         yield
         return
     if gpu_offload_supported():
         log.info("llama.cpp has GPU offload; n_gpu_layers=%d", settings.n_gpu_layers)
     else:
         log.info("llama.cpp runs on the CPU (built without GPU offload)")
-    experts = await asyncio.get_running_loop().run_in_executor(None, _load_experts, settings)
+    experts, hidden_bases = await asyncio.get_running_loop().run_in_executor(None, _load_experts, settings)
     pool = ExpertPool(experts)
     app[api.pool_key] = pool
+    app[specialist_bases_key] = hidden_bases
     try:
         yield
     finally:
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
+        for base in app[specialist_bases_key]:
+            await asyncio.get_running_loop().run_in_executor(None, base.close)
 
 
 async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -227,6 +244,7 @@ def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) 
     app.cleanup_ctx.append(_judging_ctx)
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
+    adopt.add_routes(app)
     peer_api.add_routes(app)
     relay.add_routes(app)
     invites.add_routes(app)

@@ -29,6 +29,7 @@ class SlotRequest:
     seed: int | None
     stops: tuple[str, ...]
     solo: bool = False  # run alone, from a clean slot: bit-for-bit what a one-sequence context gives
+    grammar: str | None = None  # llama.cpp GBNF (root rule `root`) the output must match; checked by the node first
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,17 @@ class BatchScheduler:
             return [Failed(request.request_id, "the prompt is empty")]
         if len(request.prompt) >= self.n_ctx:
             return [Failed(request.request_id, f"the prompt is {len(request.prompt)} tokens; the context is {self.n_ctx}")]
+        if request.grammar is not None:
+            probe = self._grammar_sampler(request.grammar)
+            if not probe:
+                return [Failed(request.request_id, "llama.cpp refused the grammar")]
+            self._ll.llama_sampler_free(probe)
         self._waiting.append(request)
         return []
+
+    def _grammar_sampler(self, grammar: str):
+        """llama.cpp's grammar sampler for `grammar` (NULL when llama.cpp cannot parse it)."""
+        return self._ll.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
 
     def cancel(self, request_id: int) -> None:
         """Drop a request, waiting or running; a running one gives back its slot and KV cells now."""
@@ -295,6 +305,9 @@ class BatchScheduler:
         """A sampler chain like llama-cpp-python's create_completion builds for the same settings."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if request.grammar is not None:
+            # First in the chain, as create_completion puts it: only tokens the grammar allows are left to choose from.
+            ll.llama_sampler_chain_add(chain, self._grammar_sampler(request.grammar))
         if request.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
         else:

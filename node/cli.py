@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--host", help="address of the user API (default 127.0.0.1)")
     start.add_argument("--port", type=int, help=f"port of the user API (default {DEFAULT_PORT}; 0 picks a free one)")
     start.add_argument("--model", action="append", dest="models", help="catalog name or .gguf path (repeatable)")
+    start.add_argument(
+        "--expert", action="append", dest="experts",
+        help="specialist definition: a .toml file or a shipped name (repeatable; <data-dir>/experts/ is read too)",
+    )
     start.add_argument("--data-dir", type=Path, help="node key, database and learned state")
     start.add_argument("--models-dir", type=Path, help="cache of pulled models")
     start.add_argument("--n-ctx", type=int, help="context length per expert (default 2048)")
@@ -141,6 +145,17 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--models-dir", type=Path)
     doctor.add_argument("--safe-cpu-kernels", choices=("auto", "true", "false"))
 
+    experts = commands.add_parser("experts", help="list specialist definitions: shipped, in the data dir, or given")
+    experts.add_argument("files", nargs="*", type=Path, help="more .toml definitions to check and list")
+    experts.add_argument("--data-dir", type=Path, help="the node's data dir (its experts/ folder)")
+    experts.add_argument("--models-dir", type=Path)
+
+    adopt = commands.add_parser("adopt", help="serve a peer's specialist here (fetched, verified, saved)")
+    adopt.add_argument("expert", help="the specialist's expert id, name@digest")
+    adopt.add_argument("--dry-run", action="store_true", help="fetch and verify only; print the definition")
+    adopt.add_argument("--node", default=os.environ.get("EXPERTMESH_NODE", DEFAULT_NODE_URL), help="node URL")
+    adopt.add_argument("--api-key", default=os.environ.get("EXPERTMESH_API_KEY"), help="the node's user API key")
+
     report = commands.add_parser("report", help="what the router learned, from the ledger")
     report.add_argument("--data-dir", type=Path, help="the node's data dir")
     return parser
@@ -157,6 +172,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "models": tuple(args.models) if args.models else None,
+        "experts": tuple(args.experts) if args.experts else None,
         "data_dir": args.data_dir,
         "models_dir": args.models_dir,
         "n_ctx": args.n_ctx,
@@ -304,6 +320,38 @@ async def _rate(session: aiohttp.ClientSession, args: argparse.Namespace, proven
     return 0
 
 
+def _cmd_experts(args: argparse.Namespace) -> int:
+    from node.specialists import describe_definitions
+
+    settings = load_settings()
+    rows = describe_definitions(
+        [Path(f) for f in args.files], args.data_dir or settings.data_dir, args.models_dir or settings.models_dir
+    )
+    sys.stdout.write(f"{'ID':<32} {'VERSION':<8} {'BASE':<14} {'STYLE':<10} {'SOURCE':<24} DESCRIPTION\n")
+    for row in rows:
+        sys.stdout.write(
+            f"{row['id']:<32} {row['version']:<8} {row['base']:<14} {row['prompt_style']:<10} "
+            f"{row['source']:<24} {row['description'][:60]}\n"
+        )
+    return 0
+
+
+async def _adopt(args: argparse.Namespace) -> int:
+    body = {"expert": args.expert, "dry_run": args.dry_run}
+    async with _session(args, aiohttp.ClientTimeout(total=600, sock_connect=10)) as session:
+        async with session.post(args.node.rstrip("/") + "/v1/experts/adopt", json=body) as response:
+            if response.status != 200:
+                sys.stderr.write(f"error {response.status}: {_error_message(await response.text())}\n")
+                return 1
+            data = await response.json()
+    sys.stdout.write(json.dumps(data["definition"], indent=2, ensure_ascii=False) + "\n")
+    if data["served"]:
+        sys.stderr.write(f"-- adopted {data['id']} from node {data['from_node']} on base {data['base']}; saved to {data['path']}\n")
+    else:
+        sys.stderr.write(f"-- {data['id']} from node {data['from_node']} verified (dry run: not served)\n")
+    return 0
+
+
 async def _peers(args: argparse.Namespace) -> int:
     async with _session(args, aiohttp.ClientTimeout(total=30)) as session:
         async with session.get(args.node.rstrip("/") + "/v1/peers") as response:
@@ -418,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_pull(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "experts":
+            return _cmd_experts(args)
+        if args.command == "adopt":
+            return asyncio.run(_adopt(args))
         if args.command == "peers":
             return asyncio.run(_peers(args))
         if args.command == "judge":

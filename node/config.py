@@ -32,6 +32,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     models_dir: Path = field(default_factory=default_models_dir)
     models: tuple[str, ...] = (DEFAULT_MODEL,)
+    experts: tuple[str, ...] = ()  # specialist definitions (.toml paths or shipped names), beside <data_dir>/experts/
     n_ctx: int = 2048
     n_threads: int | None = None  # None: llama.cpp's own choice
     n_gpu_layers: int = -1  # -1: every layer, when llama.cpp was built with GPU offload
@@ -120,7 +121,8 @@ _FLOAT_FIELDS = {
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default", "relay", "relay_open"}
 _BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
 _BOOL_FIELDS |= {"verified_only", "ledger_plain_words"}  # trust and ledger privacy
-_LIST_FIELDS = {"models", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join", "trusted_judges"}
+_LIST_FIELDS = {"models", "experts", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join"}
+_LIST_FIELDS |= {"trusted_judges"}
 _EXPLORATIONS = ("squarecb", "epsilon", "softmax")
 
 

@@ -26,6 +26,13 @@ class Part:
     text: str
     task: str
     span: tuple[int, int]
+    # Words the part shares with the one before ("Give me " in "Give me the capital of Peru and the
+    # boiling point of water"), put back in front when the part is asked on its own.
+    lead: str = ""
+
+    def request(self) -> str:
+        """The part as a request of its own: its shared lead, then its text."""
+        return f"{self.lead}{self.text}" if self.lead else self.text
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,10 @@ _ANAPHORA_RE = re.compile(
     r"your (?:answer|reasoning|work|result|steps)|examples?(?!\s+of\b)|more(?!\s+than\b))\b",
     re.IGNORECASE,
 )
+# "Give me the capital of Peru and the boiling point of water": one verb, two requests for an attribute of a thing.
+_ASK_LEAD_RE = re.compile(r"(?:give|tell|show|find|get)\s+(?:me|us)\s+", re.IGNORECASE)
+_ATTRIBUTE_RE = re.compile(r"(?:the|a|an)\s+(?:[\w'-]+\s+){1,3}(?:of|in|for|on)\s+\w", re.IGNORECASE)
+_PERSONAL = frozenset("i me my mine we us our ours you your yours".split())
 _THAT_RE = re.compile(r"\b(\w+)?\s*\bthat\b", re.IGNORECASE)
 _THIS_RE = re.compile(r"\b(?:this|these|those)\b", re.IGNORECASE)
 _PREPOSITIONS = frozenset("of about with by on in for to from than and is was does do did".split())
@@ -152,11 +163,12 @@ def split_query(text: str, *, max_parts: int = DEFAULT_MAX_PARTS) -> list[Part]:
     if max_parts == 1 or not text.strip() or len(text) > MAX_SPLIT_CHARS:
         return whole
     masked, quotes = _mask(text)
-    units = _units(text, masked, quotes)
+    leads: dict[int, str] = {}
+    units = _units(text, masked, quotes, leads)
     groups = _group(units, masked)
     if len(groups) < 2:
         return whole
-    return _parts(text, _cap(groups, max_parts))
+    return _parts(text, _cap(groups, max_parts), leads)
 
 
 def plan(text: str, *, enabled: bool, max_parts: int = DEFAULT_MAX_PARTS) -> Plan:
@@ -225,12 +237,14 @@ def _whole(text: str) -> Part:
     return Part(index=0, text=text, task=detect_task(text).value, span=(0, len(text)))
 
 
-def _parts(text: str, groups: Sequence[tuple[int, int]]) -> list[Part]:
-    """Parts from their spans in `text`."""
+def _parts(text: str, groups: Sequence[tuple[int, int]], leads: dict[int, str] | None = None) -> list[Part]:
+    """Parts from their spans in `text`, each with the lead it shares with the part before, if any."""
     parts = []
     for index, (start, end) in enumerate(groups):
         part_text = text[start:end]
-        parts.append(Part(index=index, text=part_text, task=detect_task(part_text).value, span=(start, end)))
+        lead = (leads or {}).get(start, "")
+        task = detect_task(lead + part_text).value
+        parts.append(Part(index=index, text=part_text, task=task, span=(start, end), lead=lead))
     return parts
 
 
@@ -256,22 +270,23 @@ def _mask(text: str) -> tuple[str, list[tuple[int, int]]]:
     return masked, sorted(spans)
 
 
-def _units(text: str, masked: str, quotes: list[tuple[int, int]]) -> list[_Unit]:
-    """Sentences and coordinated clauses of the query, classified."""
+def _units(text: str, masked: str, quotes: list[tuple[int, int]], leads: dict[int, str]) -> list[_Unit]:
+    """Sentences and coordinated clauses of the query, classified; `leads` gets the shared lead of a clause by start."""
     units = []
     for seg_start, seg_end, list_item in _segments(masked):
         for sent_start, sent_end in _sentences(masked, seg_start, seg_end):
-            for start, end in _clauses(text, masked, quotes, sent_start, sent_end):
+            for start, end in _clauses(text, masked, quotes, sent_start, sent_end, leads):
                 span = _trim(masked, start, end)
                 if span is None:
                     continue
                 unit_masked = masked[span[0] : span[1]]
+                led = span[0] in leads
                 units.append(
                     _Unit(
                         start=span[0],
                         end=span[1],
-                        request=_is_request(unit_masked),
-                        dependent=_is_dependent(text, unit_masked, span, quotes, list_item=list_item),
+                        request=led or _is_request(unit_masked),
+                        dependent=not led and _is_dependent(text, unit_masked, span, quotes, list_item=list_item),
                         list_item=list_item,
                         quoted=any(q_start == span[0] and q_end >= span[1] - 1 for q_start, q_end in quotes),
                     )
@@ -328,8 +343,10 @@ def _is_abbreviation(masked: str, dot_end: int) -> bool:
     return token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha() and token != "i")
 
 
-def _clauses(text: str, masked: str, quotes: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """A sentence cut where "and", "then", "also" or ";" join two complete requests."""
+def _clauses(
+    text: str, masked: str, quotes: list[tuple[int, int]], start: int, end: int, leads: dict[int, str]
+) -> list[tuple[int, int]]:
+    """A sentence cut where "and", "then", "also" or ";" join two complete requests (or two asked-for attributes)."""
     spans = []
     chunk_start = start
     for m in _CONNECTOR_RE.finditer(masked, start, end):
@@ -337,11 +354,31 @@ def _clauses(text: str, masked: str, quotes: list[tuple[int, int]], start: int, 
             continue
         left = masked[chunk_start : m.start()]
         right_start = m.end()
-        if _is_complete_request(left) and _starts_coordinated_task(text, masked, right_start, end, quotes):
+        lead = _shared_lead(text, masked, chunk_start, m.start(), right_start, end)
+        if lead is not None:
+            leads[right_start] = lead
+        if lead is not None or (_is_complete_request(left) and _starts_coordinated_task(text, masked, right_start, end, quotes)):
             spans.append((chunk_start, m.start()))
             chunk_start = right_start
     spans.append((chunk_start, end))
     return spans
+
+
+def _shared_lead(text: str, masked: str, left_start: int, left_end: int, right_start: int, end: int) -> str | None:
+    """ "Give me " when "give me the A of X and the B of Y" asks for two things with one verb; else None."""
+    left = masked[left_start:left_end]
+    offset = len(left) - len(left.lstrip())
+    tokens = _tokens(left)
+    core_offset = _core_offset(left.lstrip()) if _core(tokens) else 0
+    lead = _ASK_LEAD_RE.match(left, offset + core_offset)
+    if lead is None:
+        return None
+    right = masked[right_start:end]
+    if not (_ATTRIBUTE_RE.match(left, lead.end()) and _ATTRIBUTE_RE.match(right)):
+        return None
+    if _ANAPHORA_RE.search(right) or _refers_with_that(right):
+        return None
+    return text[left_start + lead.start() : left_start + lead.end()]
 
 
 def _trim(masked: str, start: int, end: int) -> tuple[int, int] | None:
@@ -467,9 +504,23 @@ def _is_dependent(text: str, unit: str, span: tuple[int, int], quotes: list[tupl
         return True
     if _head(tokens[0]) in _ARITHMETIC_OPS and len(re.findall(r"\d+", unit)) < 2:
         return True
+    if _is_self_contained_question(unit, tokens):
+        return False
     # Numbering says the user meant separate items; elsewhere a part must name its own material
     # ("Should I call a vet?" after "My dog is sick. What should I do?" does not).
     return not list_item and not _is_anchored(text, span[0] + _core_offset(unit), span[1], quotes)
+
+
+def _is_self_contained_question(unit: str, tokens: list[str]) -> bool:
+    """A wh-question about a thing it names ("How many legs does a spider have?"), with no one's situation in it."""
+    if not unit.rstrip().endswith("?") or _head(tokens[0]) not in _WH or len(tokens) < 3:
+        return False
+    if any(_head(t) in _PERSONAL for t in tokens) or tokens[1] in ("about", "else", "if"):
+        return False
+    if tokens[1] in ("many", "much"):
+        # "how many does an ant have?" leaves out what it counts: it leans on the question before.
+        return tokens[2] not in _AUX
+    return _head(tokens[0]) != tokens[0] or tokens[1] in _AUX or any(t in ("the", "a", "an") for t in tokens[1:])
 
 
 def _core_offset(unit: str) -> int:

@@ -18,6 +18,7 @@ from node.batching import Done, Failed, SlotRequest, StepEvent, TextOut
 from node.catalog import CATALOG, ModelFile
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
 from node.worker import ModelWorker, WorkerConfig, WorkerCrashed
+from node.structured import check_grammar
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class GenerationParams:
     seed: int | None = None
     # Run alone in a clean slot, so the output is exactly a one-sequence llama.cpp run's (judging uses it).
     solo: bool = False
+    grammar: str | None = None  # llama.cpp GBNF the output must match (response_format, a specialist's constraint)
+    response_format: str | None = None  # the client's OpenAI response_format as JSON text, for a peer to rebuild `grammar`
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ class LocalExpert:
                 f"the prompt is {len(prompt_tokens)} tokens; expert {self.spec.id} has a context of {n_ctx}",
                 param="messages",
             )
+        if params.grammar is not None:
+            check_grammar(params.grammar)  # llama.cpp is handed only grammars its parser takes (node/gbnf.py)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StepEvent | WorkerCrashed] = asyncio.Queue()
 
@@ -238,6 +243,7 @@ class LocalExpert:
             seed=params.seed,
             stops=tuple(dict.fromkeys([*params.stop, *style_stops])),
             solo=params.solo,
+            grammar=params.grammar,
         )
         started_s = time.perf_counter()
         try:
@@ -283,6 +289,10 @@ class ExpertPool:
     def get(self, expert_id: str) -> LocalExpert | None:
         """The expert with this id, if local."""
         return self._experts.get(ExpertId(expert_id))
+
+    def add(self, expert: LocalExpert) -> None:
+        """Serve one more expert (an adopted specialist)."""
+        self._experts[expert.spec.id] = expert
 
     def first(self) -> LocalExpert | None:
         """The first configured expert."""

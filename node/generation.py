@@ -129,6 +129,7 @@ def forward_generation(
         seed=params.seed,
         origin_node=app[node_info_key].node_id,
         hops=1,
+        response_format=params.response_format,
     )
     generation = Generation(app, expert_id, "", _no_events())
     generation.attach(_remote_events(app, hosts, request, generation))
@@ -272,7 +273,7 @@ async def decomposed_generation(
 ) -> Generation:
     """Route each part of a compound query on its own and answer them one after another, each under a heading."""
     router = app[router_key]
-    routed_parts = [(part, await router.route(part.text, constraints)) for part in query_plan.parts]
+    routed_parts = [(part, await router.route(part.request(), constraints)) for part in query_plan.parts]
     group_id, token = await router.record_group([r.decision.decision_id for _, r in routed_parts])
     generation = Generation(app, "", "", _no_events(), record_metrics=False)
     parts_view = [
@@ -302,7 +303,7 @@ async def _decomposed_events(
     finish_reason = "stop"
     served: list[tuple[str, str]] = []
     for position, (part, routed) in enumerate(routed_parts):
-        part_messages = [*messages[:-1], ChatMessage("user", part.text)]
+        part_messages = [*messages[:-1], ChatMessage("user", part.request())]
         inner = routed_generation(app, routed, part_messages, params)
         events = inner.__aiter__()
         try:

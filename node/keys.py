@@ -31,3 +31,5 @@ network_key = web.AppKey("network", Network)
 peer_client_key = web.AppKey("peer_client", PeerClient)
 router_key = web.AppKey("router", Router)
 judging_key = web.AppKey("judging", Judging)
+# Bases loaded only because a specialist needs them: served through their specialists, closed with the node.
+specialist_bases_key = web.AppKey("specialist_bases", list)

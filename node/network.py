@@ -144,6 +144,10 @@ class Network:
                 tokens_per_s=self.claimed_tokens_per_s(e.spec.id),
                 cards=tuple(self.card_extras(e.spec.id)),
                 parallel=e.parallel,
+                # Specialists say which base and definition they are, so a peer can fetch and adopt them.
+                base_sha256=getattr(e, "base_sha256", ""),
+                definition_digest=getattr(e, "definition_digest", ""),
+                description=getattr(getattr(e, "definition", None), "description", "")[:300],
             )
             for e in self._pool
         )

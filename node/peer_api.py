@@ -19,7 +19,9 @@ from node.errors import (
     PayloadTooLarge,
     UpgradeRequired,
 )
+from node.adopt import definition_message
 from node.experts import ChatMessage, Delta, Finished, GenerationParams
+from node.structured import forwarded_grammar
 from peers.client import PEER_PATH
 from peers.wire import (
     CONTENT_TYPE,
@@ -101,6 +103,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         top_p=api.DEFAULT_TOP_P if message.top_p is None or message.top_p == 0 else message.top_p,
         stop=tuple(message.stop),
         seed=message.seed,
+        grammar=forwarded_grammar(message.response_format),
+        response_format=message.response_format,
     )
     generation = api.start_generation(app, expert, prompt_tokens, stops, params)
     node_id = app[api.node_info_key].node_id
@@ -138,6 +142,19 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await events.aclose()
 
 
+async def definition(request: web.Request) -> web.Response:
+    """`POST /peer/v1/experts/{expert_id}/definition` (empty body, signed like every peer request): a served
+    specialist's definition, as data."""
+    expert_id = request.match_info["expert_id"]
+    expert = request.app[api.pool_key].get(expert_id)
+    if expert is None:
+        raise ModelNotFound(f"expert {expert_id!r} is not hosted on this node", param="expert_id")
+    message = definition_message(expert)
+    if message is None:
+        raise ModelNotFound(f"expert {expert_id!r} is a plain model, not a specialist with a definition", param="expert_id")
+    return _msgpack_response(message)
+
+
 async def cards(request: web.Request) -> web.Response:
     """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
     message: CardSubmission = await _read_message(request, CardSubmission)
@@ -165,3 +182,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PEER_PATH}/peers", peers)
     app.router.add_post(f"{PEER_PATH}/generate", generate)
     app.router.add_post(f"{PEER_PATH}/cards", cards)
+    app.router.add_post(f"{PEER_PATH}/experts/{{expert_id}}/definition", definition)

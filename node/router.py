@@ -360,6 +360,9 @@ class Router:
                 running=expert.running,
                 waiting=expert.waiting,
                 tokens_per_s=expert.tokens_per_s() or None,
+                # Only specialists: for a plain model these would repeat its id, which doubles its learning rate.
+                base=getattr(expert, "base_sha256", "")[:12],
+                definition=getattr(expert, "definition_digest", "")[:12],
             )
             found.append(Candidate(features, spec.sha256, spec.name, local=expert, assessment=assessed))
         for remote in self._network.remote_experts():
@@ -378,6 +381,8 @@ class Router:
                 running=min(info.queue_depth, info.parallel),
                 waiting=max(0, info.queue_depth - info.parallel),
                 tokens_per_s=info.tokens_per_s,
+                base=info.base_sha256[:12],
+                definition=info.definition_digest[:12],
             )
             found.append(Candidate(features, info.sha256, info.name, remote=remote, assessment=assessed))
         return [c for c in found if _allowed(c, self._node_constraints) and _allowed(c, constraints)]

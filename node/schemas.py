@@ -59,6 +59,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     expertmesh: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # checked by node.structured, which names the bad field
 
     @field_validator("stop")
     @classmethod

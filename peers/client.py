@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from urllib.parse import quote
 from typing import AsyncIterator, TypeVar
 
 import aiohttp
@@ -17,6 +18,7 @@ from peers.relay_client import RelayErrors, nonce_headers, open_verified
 from peers.wire import (
     CONTENT_TYPE,
     CardSubmission,
+    ExpertDefinition,
     FrameReader,
     GenerateFrame,
     GenerateRequest,
@@ -36,6 +38,7 @@ PEER_PATH = "/peer/v1"
 MAX_REPLY_BYTES = 1 << 20
 MAX_FRAME_BYTES = 64 << 10
 MAX_STREAM_BYTES = 16 << 20
+MAX_DEFINITION_REPLY_BYTES = 80 << 10  # a definition of at most 64 KiB plus its envelope
 
 Reply = TypeVar("Reply", bound=WireMessage)
 
@@ -167,6 +170,28 @@ class PeerClient:
     async def submit_card(self, url: str, card: bytes, *, timeout_s: float = 5.0, expected_key: bytes | None = None) -> None:
         """Hand the node at `url` a signed capability card about one of its experts."""
         await self._call(url, "cards", CardSubmission(card=card), CardSubmission, timeout_s, expected_key)
+
+    async def definition(
+        self, url: str, expert_id: str, *, timeout_s: float = 10.0, expected_key: bytes | None = None
+    ) -> ExpertDefinition:
+        """Fetch the definition of a specialist the node at `url` serves (data only, capped and validated)."""
+        route = f"experts/{quote(expert_id, safe='@')}/definition"
+        headers = self._headers(route, b"")
+        try:
+            response = await self._post(url, route, b"", headers, aiohttp.ClientTimeout(total=timeout_s))
+            try:
+                data = await _read_capped(response, MAX_DEFINITION_REPLY_BYTES)
+                if response.status != 200:
+                    raise PeerRejected(response.status, _error_text(data))
+                self._reply_key(url, response, headers[auth.NONCE_HEADER], data, expected_key)
+            finally:
+                response.release()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            return decode(data, ExpertDefinition, max_bytes=MAX_DEFINITION_REPLY_BYTES)
+        except WireError as exc:
+            raise PeerProtocolError(f"{url} sent an invalid {ExpertDefinition.TYPE}: {exc}") from exc
 
     async def generate(
         self, url: str, request: GenerateRequest, *, connect_timeout_s: float = 5.0, expected_key: bytes | None = None

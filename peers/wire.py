@@ -32,6 +32,8 @@ MAX_HOPS = 1
 CARD_DIGEST_CHARS = 16
 # An encoded, signed learning summary (peers/learning.py) riding in a hello is at most this big.
 MAX_LEARNING_BYTES = 16 << 10
+MAX_DEFINITION_BYTES = 64 << 10
+MAX_RESPONSE_FORMAT_CHARS = 20000
 
 _ERROR_ECHO_CHARS = 40
 
@@ -134,6 +136,10 @@ class ExpertInfo(WireRecord):
     cards: tuple[bytes, ...] = _wire((), max_len=16, item=Limit(max_len=4096))
     # Sequence slots decoded together; a peer that predates batching runs one request at a time.
     parallel: int = _wire(1, min_value=1, max_value=256)
+    # A specialist (a base model plus a definition): its base's sha256 and its definition's digest; "" for a plain model.
+    base_sha256: str = _wire("", max_len=64, check=_lower_hex_problem)
+    definition_digest: str = _wire("", max_len=64, check=_lower_hex_problem)
+    description: str = _wire("", max_len=300)
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,8 @@ class GenerateRequest(WireMessage):
     seed: int | None
     origin_node: NodeId = _wire(**_NODE_ID)
     hops: int = _wire(**_COUNT)
+    # The client's OpenAI `response_format` as JSON text; the serving node builds and checks the grammar itself.
+    response_format: str | None = _wire(None, max_len=MAX_RESPONSE_FORMAT_CHARS)
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,17 @@ class GenerateFrame(WireMessage):
     error: str | None = _wire(None, max_len=2000)
     node_id: str = _wire("", max_len=64)
     expert_id: str = _wire("", max_len=128)
+
+
+@dataclass(frozen=True)
+class ExpertDefinition(WireMessage):
+    """A specialist's definition as data: canonical JSON without its base, which `base_sha256` names."""
+
+    TYPE: ClassVar[str] = "expert_definition"
+    expert_id: str = _wire(**_ID)
+    base_sha256: str = _wire(min_len=64, max_len=64, check=_lower_hex_problem)
+    base_name: str = _wire(max_len=300)
+    definition: bytes = _wire(min_len=2, max_len=MAX_DEFINITION_BYTES)
 
 
 T = TypeVar("T", bound=WireMessage)

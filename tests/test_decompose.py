@@ -247,7 +247,8 @@ def test_any_text_gives_well_formed_parts(pieces: list[str]) -> None:
     ("text", "n_parts"),
     [
         ("My dog is sick. What should I do? Should I call a vet?", 1),
-        ("What is photosynthesis? What is gravity?", 1),
+        # Two whole questions are two requests, even of one task: a small model answers only the first (issue 15).
+        ("What is photosynthesis? What is gravity?", 2),
         ("1. What is photosynthesis?\n2. What is gravity?", 2),
         ("How many legs does a spider have and how many does an ant have?", 1),
         ("Explain recursion. Tell me more.", 1),
@@ -255,3 +256,27 @@ def test_any_text_gives_well_formed_parts(pieces: list[str]) -> None:
 )
 def test_a_later_part_must_stand_alone_unless_numbered(text: str, n_parts: int) -> None:
     assert len(split_query(text)) == n_parts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("What is the capital of France? What is the chemical symbol for gold?", ["What is the capital of France?", "What is the chemical symbol for gold?"]),
+        ("What is the capital of France? Also, what is the chemical symbol for gold?", ["What is the capital of France?", "Also, what is the chemical symbol for gold?"]),
+        ("Who wrote Hamlet? And how many legs does a spider have?", ["Who wrote Hamlet?", "And how many legs does a spider have?"]),
+        ("Give me the capital of Peru and the boiling point of water in Celsius.", ["Give me the capital of Peru", "Give me the boiling point of water in Celsius."]),
+        ("Who painted the Mona Lisa? Who wrote Hamlet?", ["Who painted the Mona Lisa?", "Who wrote Hamlet?"]),
+    ],
+)
+def test_every_request_of_a_plain_compound_gets_its_own_part(text: str, expected: list[str]) -> None:
+    """Issue 15's compound queries: one part per request, each askable on its own."""
+    parts = split_query(text)
+    assert [p.request() for p in parts] == expected
+    _assert_well_formed(text, parts)
+
+
+def test_a_shared_lead_is_put_back_only_for_asking() -> None:
+    text = "Give me the capital of Peru and the boiling point of water in Celsius."
+    first, second = split_query(text)
+    assert second.text == "the boiling point of water in Celsius." and second.lead == "Give me "
+    assert first.lead == "" and first.request() == first.text
