@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -16,16 +17,35 @@ from node import catalog
 from node.experts import ChatMessage, Delta, GenerationParams, load_expert
 from node.specialist_serving import build_specialists
 from node.specialists import EXPERTS_DIRNAME, resolve_definition, specialist_id
-from tests.nodes import SMOLLM2_ID, start_node
+from tests.nodes import SMOLLM2_ID, safe_cpu_kernels, start_node
 
 pytestmark = pytest.mark.model
 
 
 def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    """RSS of this process and its descendants: each model's weights live in its worker process."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def _answer(expert: Any, prompt: str, max_tokens: int = 8, grammar: str | None = None) -> str:
@@ -51,7 +71,7 @@ def test_two_definitions_on_one_base_cost_no_second_model() -> None:
     model = catalog.resolve("smollm2-135m", models_dir, progress=False)
 
     def load(m: catalog.ModelFile):
-        return load_expert(m, n_ctx=256, n_threads=1, n_gpu_layers=0, queue_size=1)
+        return load_expert(m, n_ctx=256, n_threads=1, n_gpu_layers=0, queue_size=1, safe_cpu_kernels=safe_cpu_kernels())
 
     definitions = [resolve_definition("sentiment"), resolve_definition("translator")]  # parsing is not what is measured
     base = load(model)
@@ -81,7 +101,8 @@ def test_two_definitions_on_one_base_cost_no_second_model() -> None:
 
 def test_a_grammar_holds_the_answer_and_the_definition_frames_the_prompt() -> None:
     models_dir = catalog.default_models_dir()
-    base = load_expert(catalog.resolve("smollm2-135m", models_dir, progress=False), n_ctx=512, n_threads=1, n_gpu_layers=0, queue_size=1)
+    model = catalog.resolve("smollm2-135m", models_dir, progress=False)
+    base = load_expert(model, n_ctx=512, n_threads=1, n_gpu_layers=0, queue_size=1, safe_cpu_kernels=safe_cpu_kernels())
     try:
         definition, _ = resolve_definition("sentiment")
         (sentiment,), _ = build_specialists([(definition, "shipped:sentiment")], [base], None, models_dir)
