@@ -140,10 +140,16 @@ CHECK_EVENTS = 20
 
 def test_routing_follows_a_users_ratings_across_two_nodes(tmp_path: Path) -> None:
     """The user likes gemma3 (on B) for arithmetic and smollm2 (on A) for translation; routing from A follows."""
-    a = start_node(tmp_path / "a", "--model", "smollm2-135m", *FAST)
+    a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--spot-check-interval-s", "1", *FAST)
     b = start_node(tmp_path / "b", "--model", "gemma3-270m", "--peer", a.url, *FAST)
     try:
         wait_for(lambda: GEMMA3_ID in model_ids(a), what="A to list gemma3 on B")
+        # An unverified remote expert gets a capped share of `auto` traffic (README: Trust): A first checks
+        # B's expert with its own probes, then the user's ratings decide.
+        wait_for(
+            lambda: any(e["id"] == GEMMA3_ID and e["verified"] for e in get_json(a.url + "/v1/experts")["data"]),
+            what="A to verify gemma3 on B", timeout_s=240,
+        )
         client = _client(a)
         preferred = {"arithmetic": GEMMA3_ID, "translation": SMOLLM2_ID}
         followed = {"arithmetic": 0, "translation": 0}
