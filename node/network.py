@@ -279,7 +279,9 @@ class Network:
     def exchange_reply(self, max_peers: int) -> PeersReply:
         """The peers we know to be alive, for peer exchange."""
         limit = min(max_peers, EXCHANGE_LIMIT)
-        return PeersReply(peers=tuple(peer_table.exchange_list(self.table, self._clock_ms(), self.policy, limit)))
+        # A node revoked here is not passed on: its address would only spread the admission we took back.
+        listed = peer_table.exchange_list(self.table, self._clock_ms(), self.policy, limit + len(self.table.peers))
+        return PeersReply(peers=tuple([p for p in listed if not self.is_refused(p.node_id)][:limit]))
 
     # ---- queries ----------------------------------------------------------------------
 
