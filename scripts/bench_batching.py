@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from node import catalog  # noqa: E402
 from node.config import default_models_dir  # noqa: E402
 from tests.direct import direct_llama  # noqa: E402
-from tests.nodes import start_node  # noqa: E402
+from tests.nodes import child_pids, start_node  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -83,16 +83,7 @@ class Run:
 
 def _tree(pid: int) -> list[int]:
     """`pid` and its child processes (the node and its inference workers)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                pids.append(int(entry.name))
-    return pids
+    return [pid, *child_pids(pid)]
 
 
 def cpu_s(pid: int, *, children: bool = True) -> float:

@@ -20,6 +20,20 @@ SAFE_KERNELS_ENV = "EXPERTMESH_SAFE_CPU_KERNELS"
 _verdict: bool | None = None
 
 
+def child_pids(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (a node's inference workers, say)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def safe_cpu_kernels() -> bool:
     """This machine's CPU self-check verdict, decided once per test run like a node decides it.
 

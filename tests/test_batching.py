@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,7 +16,8 @@ from node import catalog
 from node.batching import common_prefix, stop_holdback, utf8_complete
 from node.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
 from tests.direct import direct_llama
-from tests.nodes import SMOLLM2_ID, RunningNode, safe_cpu_kernels, start_node
+from tests.nodes import SMOLLM2_ID, RunningNode, child_pids, safe_cpu_kernels, start_node
+
 
 N_CTX = 512
 PROMPTS = (
@@ -212,20 +212,6 @@ def test_a_cancelled_stream_frees_its_slot_at_once() -> None:
 # ---- crashes, through a real node ----------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def crash_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     running = start_node(
@@ -255,7 +241,7 @@ async def _stream_and_kill(url: str, sig: signal.Signals, node_pid: int) -> tupl
                     continue
                 chunks.append(json.loads(line[6:]))
                 if not killed and chunks[-1].get("choices") and chunks[-1]["choices"][0]["delta"].get("content"):
-                    (killed,) = _children(node_pid)
+                    (killed,) = child_pids(node_pid)
                     os.kill(killed, sig)
     return chunks, killed
 
@@ -303,7 +289,7 @@ def test_a_crashed_worker_ends_its_stream_with_an_error_and_restarts(crash_node:
     assert answer["status"] == 200, answer
     assert answer["choices"][0]["message"]["content"]
     assert asyncio.run(_metric(crash_node.url, "expertmesh_worker_restarts")) == restarts_before + 1
-    assert _children(crash_node.process.pid) != [killed]
+    assert child_pids(crash_node.process.pid) != [killed]
     assert f"died ({sig.name})" in crash_node.log()
     if sig == signal.SIGILL:
         # After an illegal instruction the worker runs without llama.cpp's repacked CPU kernels.

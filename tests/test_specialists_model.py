@@ -17,24 +17,16 @@ from node import catalog
 from node.experts import ChatMessage, Delta, GenerationParams, load_expert
 from node.specialist_serving import build_specialists
 from node.specialists import EXPERTS_DIRNAME, resolve_definition, specialist_id
-from tests.nodes import SMOLLM2_ID, safe_cpu_kernels, start_node
+from tests.nodes import SMOLLM2_ID, child_pids, safe_cpu_kernels, start_node
 
 pytestmark = pytest.mark.model
 
 
 def _rss_bytes() -> int:
     """RSS of this process and its descendants: each model's weights live in its worker process."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        children = [pid for pid in child_pids(frontier.pop()) if pid not in tree]
         tree.update(children)
         frontier.extend(children)
     total = 0
