@@ -15,9 +15,9 @@ from typing import Sequence
 
 import aiohttp
 
-from node import catalog
 from node.config import DEFAULT_PORT, load_settings
 from node.errors import NodeError
+from node.serving import catalog
 
 log = logging.getLogger("expertmesh")
 
@@ -166,7 +166,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from node.app import serve
+    from node.http.app import serve
 
     overrides = {
         "host": args.host,
@@ -321,7 +321,7 @@ async def _rate(session: aiohttp.ClientSession, args: argparse.Namespace, proven
 
 
 def _cmd_experts(args: argparse.Namespace) -> int:
-    from node.specialists import describe_definitions
+    from node.serving.specialists import describe_definitions
 
     settings = load_settings()
     rows = describe_definitions(
@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "revoke":
             return asyncio.run(_revoke(args))
         if args.command == "report":
-            from node.report import render
+            from node.routing.report import render
 
             sys.stdout.write(render(args.data_dir or load_settings().data_dir))
             return 0

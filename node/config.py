@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from node.catalog import default_models_dir
 from node.errors import InvalidRequest
+from node.serving.catalog import default_models_dir
 
 DEFAULT_PORT = 8470
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,7 +36,7 @@ class Settings:
     n_ctx: int = 2048
     n_threads: int | None = None  # None: llama.cpp's own choice
     n_gpu_layers: int = -1  # -1: every layer, when llama.cpp was built with GPU offload
-    # "auto": a child-process self-check decides (node/selfcheck.py); true/false force safe CPU kernels on or off.
+    # "auto": a child-process self-check decides (node/serving/selfcheck.py); true/false force safe CPU kernels on or off.
     safe_cpu_kernels: str | bool = "auto"
     queue_size: int = 8  # requests waiting per expert, beyond those holding a slot
     parallel: int | None = None  # sequence slots per expert (continuous batching); None: 8 with a GPU, 4 on a CPU
@@ -79,7 +79,7 @@ class Settings:
     ledger_retention_days: float = 90.0  # decisions older than this are deleted (0: kept forever)
     share_learning: bool = True  # publish the signed summary of what this node's users taught (README: Community learning)
     use_community_learning: bool = True  # weigh peers' summaries into routing
-    # Relaying for nodes behind NAT (see node/relay.py): offer it on a public node, use it from home.
+    # Relaying for nodes behind NAT (see node/mesh/relay.py): offer it on a public node, use it from home.
     relay: bool = False  # relay peer requests for admitted home nodes
     relay_open: bool = False  # relay for any node, not only those admitted with an invite
     relay_max_tunnels: int = 256
@@ -119,7 +119,7 @@ _FLOAT_FIELDS = {
     "ledger_retention_days",
 }
 _BOOL_FIELDS = {"mdns", "local_only", "judge_on_start", "require_api_key", "decompose_default", "relay", "relay_open"}
-_BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/community.py)
+_BOOL_FIELDS |= {"share_learning", "use_community_learning"}  # community learning (node/routing/community.py)
 _BOOL_FIELDS |= {"verified_only", "ledger_plain_words"}  # trust and ledger privacy
 _LIST_FIELDS = {"models", "experts", "peers", "mdns_interfaces", "advertise_urls", "approved", "denied", "relays", "join"}
 _LIST_FIELDS |= {"trusted_judges"}

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node import catalog, selfcheck
-from node.access import is_loopback_host
 from node.config import Settings
+from node.http.access import is_loopback_host
+from node.serving import catalog, selfcheck
 
 log = logging.getLogger(__name__)
 

@@ -10,24 +10,8 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from node.decompose import (
-    PART_SEPARATOR,
-    Plan,
-    compose_header,
-    parse_proposal,
-    plan,
-    proposal_prompt,
-)
 from node.errors import ExpertBusy, InvalidRequest, NodeError, PeerUnavailable
-from node.experts import (
-    ChatMessage,
-    Delta,
-    Finished,
-    GenerationEvent,
-    GenerationParams,
-    LocalExpert,
-)
-from node.judge.runner import ask_expert
+from node.judging.runner import ask_expert
 from node.keys import (
     metrics_key,
     network_key,
@@ -36,8 +20,24 @@ from node.keys import (
     router_key,
     settings_key,
 )
-from node.network import RemoteExpert
-from node.router import MAX_ROUTING_CHARS, Routed, routing_text
+from node.mesh.network import RemoteExpert
+from node.routing.decompose import (
+    PART_SEPARATOR,
+    Plan,
+    compose_header,
+    parse_proposal,
+    plan,
+    proposal_prompt,
+)
+from node.routing.router import MAX_ROUTING_CHARS, Routed, routing_text
+from node.serving.experts import (
+    ChatMessage,
+    Delta,
+    Finished,
+    GenerationEvent,
+    GenerationParams,
+    LocalExpert,
+)
 from peers.client import PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from node.config import Settings
-from node.experts import ExpertPool
-from node.judging import Judging
+from node.judging.service import Judging
+from node.mesh.network import Network
 from node.metrics import NodeMetrics
-from node.network import Network
-from node.router import Router
+from node.routing.router import Router
+from node.serving.experts import ExpertPool
 from peers.client import PeerClient
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from urllib.parse import quote
 from typing import AsyncIterator, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import msgpack

@@ -35,8 +35,8 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from node import catalog  # noqa: E402
 from node.config import default_models_dir  # noqa: E402
+from node.serving import catalog  # noqa: E402
 from tests.direct import direct_llama  # noqa: E402
 from tests.nodes import child_pids, start_node  # noqa: E402
 
@@ -110,13 +110,13 @@ def rss_mb(pid: int) -> float:
 
 
 def old_node_source(target: Path) -> str:
-    """Unpack the newest commit whose node/experts.py still ran one request at a time; its hash."""
+    """Unpack the newest commit whose node/experts.py (before the move to node/serving/) ran one request at a time."""
     commits = subprocess.run(
         ["git", "-C", str(REPO), "log", "--format=%H", "--", "node/experts.py"], capture_output=True, text=True, check=True
     ).stdout.split()
     for commit in commits:
         text = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{commit}:node/experts.py"], capture_output=True, text=True, check=True
+            ["git", "-C", str(REPO), "show", f"{commit}:node/experts.py"], capture_output=True, text=True
         ).stdout
         if "ThreadPoolExecutor" in text:
             archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True).stdout

@@ -4,7 +4,7 @@ Starts one node with both real experts (smollm2-135m, gemma3-270m), lets it judg
 (`--judge-items N` per dimension), reads their capability cards from `/v1/experts` and picks
 pairs of dimensions whose best expert differs. Each compound query joins one probe item of
 each dimension of a pair ("What is 7 times 8? Translate \"dog\" into French.") such that
-`node.decompose.split_query` splits it into exactly those two items. Every query is asked
+`node.routing.decompose.split_query` splits it into exactly those two items. Every query is asked
 twice, interleaved, at temperature 0, with `model: "auto"`:
 
   (a) decomposed: `expertmesh: {"decompose": true}`, each part routed on its own;
@@ -48,12 +48,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bandit.features import Task, detect_task  # noqa: E402
-from node.decompose import split_query  # noqa: E402
-from node.judge.runner import choose_independent_items  # noqa: E402
-from node.judge.scorers import _NUMBER_RE, _number_value, fold  # noqa: E402  (the judge's own number reader)
-from node.judge.scorers import score as strict_score  # noqa: E402
-from node.judge.stats import DimensionScore, summarize  # noqa: E402
-from node.judge.suites import ProbeItem, label_key, load_suites  # noqa: E402
+from node.judging.runner import choose_independent_items  # noqa: E402
+from node.judging.scorers import _NUMBER_RE, _number_value, fold  # noqa: E402  (the judge's own number reader)
+from node.judging.scorers import score as strict_score  # noqa: E402
+from node.judging.stats import DimensionScore, summarize  # noqa: E402
+from node.judging.suites import ProbeItem, label_key, load_suites  # noqa: E402
+from node.routing.decompose import split_query  # noqa: E402
 from tests.nodes import start_node  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")

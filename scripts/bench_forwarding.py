@@ -22,6 +22,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serving import PROMPTS, Sample, http_sample, summary  # noqa: E402
+
 from tests.nodes import SMOLLM2_ID, start_node  # noqa: E402
 
 

@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import aiohttp
 from aiohttp import web
 
-from node.admission import Admissions
 from node.config import Settings
-from node.relay import RelayLinks, RelayServer
+from node.mesh.admission import Admissions
+from node.mesh.relay import RelayLinks, RelayServer
 from peers.client import PEER_PATH, PeerClient
 from peers.identity import NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX

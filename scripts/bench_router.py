@@ -28,8 +28,8 @@ from bandit.simulate import (
     drift_recovery_events,
     drift_world,
     percent_of_oracle,
-    synthetic_experts,
     run,
+    synthetic_experts,
 )
 
 log = logging.getLogger("bench_router")

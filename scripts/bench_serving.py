@@ -26,8 +26,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node import catalog  # noqa: E402
 from node.config import default_models_dir  # noqa: E402
+from node.serving import catalog  # noqa: E402
 from tests.nodes import start_node  # noqa: E402
 
 PROMPTS = [

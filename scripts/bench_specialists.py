@@ -24,12 +24,12 @@ from typing import Callable
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId, query_features
 from bandit.policy import Policy, sample_index
-from node import catalog
-from node.experts import ChatMessage, Delta, GenerationParams, load_expert
-from node.judge.runner import local_ask, run_probes, scorable_suites, summarize_run
-from node.judge.suites import load_suites
-from node.specialist_serving import build_specialists
-from node.specialists import resolve_definition, shipped_definitions
+from node.judging.runner import local_ask, run_probes, scorable_suites, summarize_run
+from node.judging.suites import load_suites
+from node.serving import catalog
+from node.serving.experts import ChatMessage, Delta, GenerationParams, load_expert
+from node.serving.specialist_serving import build_specialists
+from node.serving.specialists import resolve_definition, shipped_definitions
 
 log = logging.getLogger("bench_specialists")
 
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gamma-scale", type=float, help="router policy: SquareCB gamma (node default 400)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("node.experts", "node.specialist_serving", "node.judge.runner"):
+    for noisy in ("node.serving.experts", "node.serving.specialist_serving", "node.judging.runner"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     items = workload(args.per_task)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp  # noqa: E402
 
-from node.judge.cards import CardStore, decode_signed_card  # noqa: E402
-from node.router import RouteConstraints  # noqa: E402
+from node.judging.cards import CardStore, decode_signed_card  # noqa: E402
+from node.routing.router import RouteConstraints  # noqa: E402
 from peers.identity import NodeIdentity  # noqa: E402
 from peers.wire import CardSubmission, encode  # noqa: E402
 from tests.hostile_net import (  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.native import load_llama
+from node.serving.native import load_llama
 
 
 def direct_llama(path: Path, *, n_ctx: int, n_threads: int, safe_cpu_kernels: bool):

@@ -11,15 +11,15 @@ from typing import Any, Callable, Sequence
 import aiohttp
 from aiohttp import web
 
-from node import api
-from node.app import IDLE_CONNECTION_TIMEOUT_S, create_app, identity_key
 from node.config import Settings
-from node.experts import ExpertSpec, LocalExpert, expert_id_for
-from node.judge.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
-from node.judge.stats import DimensionScore
-from node.judging import Judging
-from node.network import Network
-from node.router import Router
+from node.http import api
+from node.http.app import IDLE_CONNECTION_TIMEOUT_S, create_app, identity_key
+from node.judging.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
+from node.judging.service import Judging
+from node.judging.stats import DimensionScore
+from node.mesh.network import Network
+from node.routing.router import Router
+from node.serving.experts import ExpertSpec, LocalExpert, expert_id_for
 from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import CONTENT_TYPE, ExpertInfo, Hello, NodeCard, encode, sign_card

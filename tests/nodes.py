@@ -42,7 +42,7 @@ def safe_cpu_kernels() -> bool:
     """
     global _verdict
     if _verdict is None:
-        from node import catalog, selfcheck
+        from node.serving import catalog, selfcheck
 
         model = catalog.resolve("smollm2-135m", catalog.default_models_dir(), progress=False)
         verdict = selfcheck.decide("auto", catalog.default_models_dir().parent / "test-selfcheck", [(model.sha256, model.path)])

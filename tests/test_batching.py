@@ -12,12 +12,11 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from node import catalog
-from node.batching import common_prefix, stop_holdback, utf8_complete
-from node.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
+from node.serving import catalog
+from node.serving.batching import common_prefix, stop_holdback, utf8_complete
+from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
 from tests.direct import direct_llama
 from tests.nodes import SMOLLM2_ID, RunningNode, child_pids, safe_cpu_kernels, start_node
-
 
 N_CTX = 512
 PROMPTS = (

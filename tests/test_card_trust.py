@@ -1,12 +1,12 @@
-"""Whose cards count (node.judge.trust) and the unverified-share cap (node.router): pure, no event loop."""
+"""Whose cards count (node.judging.trust) and the unverified-share cap (node.routing.router): pure, no event loop."""
 
 from __future__ import annotations
 
 import random
 
-from node.judge.cards import decode_signed_card
-from node.judge.trust import MAX_EARNED_WEIGHT, assess, judge_records, judge_weight
-from node.router import cap_unverified_share, routing_text, MAX_ROUTING_CHARS
+from node.judging.cards import decode_signed_card
+from node.judging.trust import MAX_EARNED_WEIGHT, assess, judge_records, judge_weight
+from node.routing.router import MAX_ROUTING_CHARS, cap_unverified_share, routing_text
 from peers.identity import NodeIdentity
 from tests.hostile_net import capability_card
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from node.catalog import (
+from node.errors import CatalogError
+from node.serving.catalog import (
     CATALOG,
     CatalogEntry,
     HuggingFaceSource,
@@ -28,7 +29,6 @@ from node.catalog import (
     pull_entry,
     resolve,
 )
-from node.errors import CatalogError
 
 SMOLLM2 = CATALOG["smollm2-135m"]
 GEMMA3 = CATALOG["gemma3-270m"]

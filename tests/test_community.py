@@ -21,7 +21,7 @@ from bandit.community import (
 )
 from bandit.features import ExpertFeatures, ExpertId, NodeId, Task, query_features
 from bandit.ledger import Decision, DecisionId, Ledger, new_feedback_token, query_sha256, token_sha256
-from node.community import MAX_REPORTERS, Community
+from node.routing.community import MAX_REPORTERS, Community
 from peers.identity import NodeIdentity
 from peers.learning import (
     MAX_CELLS,

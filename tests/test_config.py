@@ -8,7 +8,7 @@ import pytest
 
 from node.config import DEFAULT_MODEL, DEFAULT_PORT, load_settings
 from node.errors import InvalidRequest
-from node.experts import ChatMessage, completion_prompt, expert_id_for
+from node.serving.experts import ChatMessage, completion_prompt, expert_id_for
 
 
 def test_defaults() -> None:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bandit.features import Task
-from node.decompose import (
+from node.routing.decompose import (
     HEADING_MAX_CHARS,
     MAX_SPLIT_CHARS,
     PART_SEPARATOR,

@@ -5,21 +5,21 @@ from __future__ import annotations
 import random
 
 from peers.directory import (
-    Entry,
-    directory_digest,
-    newer_than,
-    versions,
     CardNews,
     Directory,
     DirectoryPolicy,
+    Entry,
+    directory_digest,
     feedback,
     issue,
     learn,
     make_directory,
     neighbours,
+    newer_than,
     outgoing,
     receive,
     rendezvous_neighbours,
+    versions,
 )
 
 POLICY = DirectoryPolicy(max_neighbours=4)

@@ -7,8 +7,8 @@ import dataclasses
 import aiohttp
 from aiohttp import web
 
-from node.api import error_middleware
-from node.directory import DirectoryService, Gossip, _gossip_route, directory_key
+from node.http.api import error_middleware
+from node.mesh.directory import DirectoryService, Gossip, _gossip_route, directory_key
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.wire import NodeCard, encode, sign_card

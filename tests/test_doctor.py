@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from node import selfcheck
+from node.serving import selfcheck
 
 
 def _doctor(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,7 +68,7 @@ def test_doctor_fails_when_even_safe_kernels_crash(tmp_path: Path) -> None:
 
 @pytest.mark.model
 def test_doctor_runs_the_self_check_with_a_pulled_model(tmp_path: Path) -> None:
-    from node import catalog
+    from node.serving import catalog
 
     models_dir = catalog.default_models_dir()
     catalog.resolve("smollm2-135m", models_dir, progress=False)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.errors import NodeError
-from node.judge.cards import (
+from node.judging.cards import (
     MAX_CARD_BYTES,
     MAX_DIMENSIONS,
     MAX_EXPERT_ID_CHARS,
@@ -33,7 +33,7 @@ from node.judge.cards import (
     sign_capability_card,
     verify_capability_card,
 )
-from node.judge.stats import DimensionScore
+from node.judging.stats import DimensionScore
 from peers.identity import NodeIdentity
 
 OWNER = NodeIdentity.generate()
@@ -328,7 +328,7 @@ def test_tampered_row_is_dropped_on_read(tmp_path: Path, caplog: pytest.LogCaptu
         )
     db.close()
     try:
-        with caplog.at_level("WARNING", logger="node.judge.cards"):
+        with caplog.at_level("WARNING", logger="node.judging.cards"):
             assert store.cards_for(SHA) == [honest]
             assert store.get(SHA, "2026.11.1", OWNER.node_id) is None
         assert "dropping stored card" in caplog.text

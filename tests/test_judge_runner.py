@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from node import catalog
-from node.experts import LocalExpert, load_expert
-from node.judge.cards import CardStore, SignedCapabilityCard, verify_capability_card
-from node.judge.runner import (
+from node.judging.cards import CardStore, SignedCapabilityCard, verify_capability_card
+from node.judging.runner import (
     PRIVATE_PROBES_FILE,
     ProbeAnswer,
     choose_independent_items,
@@ -26,9 +24,11 @@ from node.judge.runner import (
     scorable_suites,
     summarize_run,
 )
-from node.judge.suites import ProbeItem, SuiteError, load_suites
-from tests.nodes import safe_cpu_kernels
+from node.judging.suites import ProbeItem, SuiteError, load_suites
+from node.serving import catalog
+from node.serving.experts import LocalExpert, load_expert
 from peers.identity import NodeIdentity
+from tests.nodes import safe_cpu_kernels
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 N_CTX = 1024

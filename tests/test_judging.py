@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 
-from node.judge.cards import CapabilityCard, Performance, SignedCapabilityCard, encode_signed_card, sign_capability_card
-from node.judge.stats import summarize
+from node.judging.cards import CapabilityCard, Performance, SignedCapabilityCard, encode_signed_card, sign_capability_card
+from node.judging.stats import summarize
 from peers.identity import NodeIdentity
 from peers.wire import ExpertInfo, Hello, NodeCard, encode, sign_card
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, start_node

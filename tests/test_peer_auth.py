@@ -352,7 +352,7 @@ async def test_a_trickling_peer_is_given_up_at_the_stream_deadline(tmp_path: Pat
 
 
 async def test_the_ledger_keeps_hashed_words_and_honours_its_retention(tmp_path: Path) -> None:
-    from node.router import RouteConstraints
+    from node.routing.router import RouteConstraints
 
     node = await start_live_node(tmp_path / "node", [fake_expert("e", SHA)])
     try:

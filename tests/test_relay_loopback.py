@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from node.admission import Admissions
-from node.api import error_middleware
 from node.config import Settings
-from node.relay import RelayLinks, RelayServer
+from node.http.api import error_middleware
+from node.mesh.admission import Admissions
+from node.mesh.relay import RelayLinks, RelayServer
 from peers.client import PEER_PATH, PeerClient, PeerRejected, PeerUnreachable
 from peers.identity import NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX, EnvelopeSealer, parse_relayed_url
@@ -245,7 +245,7 @@ async def test_a_relay_refuses_a_node_it_never_admitted(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)
         assert network.urls == () and relay.tunnels == {}
         admissions.nodes[home.node_id] = dataclasses.replace(
-            __import__("node.admission", fromlist=["Admitted"]).Admitted(admitted_ms=1)
+            __import__("node.mesh.admission", fromlist=["Admitted"]).Admitted(admitted_ms=1)
         )
         for _ in range(300):
             if network.urls:

@@ -8,7 +8,7 @@ import os
 import msgpack
 import pytest
 
-from node.admission import Admissions
+from node.mesh.admission import Admissions
 from peers.identity import NodeIdentity
 from peers.invite import InviteError, check_join, make_invite, make_join, read_invite, secret_digest
 from peers.relay import (

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from node.errors import InvalidRequest
-from node.router import parse_constraints
+from node.routing.router import parse_constraints
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
 from tests.test_peers import FAST, get_json, model_ids, wait_for
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.errors import NodeError
-from node.judge.scorers import (
+from node.judging.scorers import (
     MAX_ANSWER_CHARS,
     REFUSAL_WINDOW_CHARS,
     JudgeOutputError,
@@ -28,7 +28,7 @@ from node.judge.scorers import (
     regex_match,
     score,
 )
-from node.judge.stats import (
+from node.judging.stats import (
     DimensionScore,
     disagrees,
     summarize,
@@ -36,7 +36,7 @@ from node.judge.stats import (
     wilson_interval,
     z_quantile,
 )
-from node.judge.suites import MAX_PATTERN_CHARS, SCORERS, ProbeItem, SuiteError, load_suites
+from node.judging.suites import MAX_PATTERN_CHARS, SCORERS, ProbeItem, SuiteError, load_suites
 
 LONG = "lorem ipsum dolor sit amet " * 40_000
 

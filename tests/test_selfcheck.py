@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node import catalog, selfcheck
 from node.config import load_settings
 from node.errors import InvalidRequest
+from node.serving import catalog, selfcheck
 from tests.nodes import SMOLLM2_ID, start_node
 
 FLAGS = ("avx2", "avx512f", "amx_tile", "amx_int8", "amx_bf16")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from node.adopt import verified_definition
-from node.catalog import CATALOG
-from node.specialists import (
+from node.mesh.adopt import verified_definition
+from node.serving.catalog import CATALOG
+from node.serving.gbnf import check_gbnf
+from node.serving.specialists import (
     MAX_DEFINITION_BYTES,
     DefinitionError,
     canonical_bytes,
@@ -22,8 +23,7 @@ from node.specialists import (
     specialist_id,
     to_toml,
 )
-from node.gbnf import check_gbnf
-from node.structured import GrammarError, compiled_grammar, forwarded_grammar, response_format_grammar
+from node.serving.structured import GrammarError, compiled_grammar, forwarded_grammar, response_format_grammar
 from peers.wire import ExpertDefinition, decode, encode
 
 SMOLLM2_SHA = CATALOG["smollm2-135m"].sha256

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from node import catalog
-from node.experts import ChatMessage, Delta, GenerationParams, load_expert
-from node.specialist_serving import build_specialists
-from node.specialists import EXPERTS_DIRNAME, resolve_definition, specialist_id
+from node.serving import catalog
+from node.serving.experts import ChatMessage, Delta, GenerationParams, load_expert
+from node.serving.specialist_serving import build_specialists
+from node.serving.specialists import EXPERTS_DIRNAME, resolve_definition, specialist_id
 from tests.nodes import SMOLLM2_ID, child_pids, safe_cpu_kernels, start_node
 
 pytestmark = pytest.mark.model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import random
 import re
@@ -14,8 +13,8 @@ from typing import Any
 import pytest
 
 from node.errors import NodeError
-from node.judge.scorers import contains_match, score
-from node.judge.suites import (
+from node.judging.scorers import contains_match, score
+from node.judging.suites import (
     MAX_LABELS,
     SCORERS,
     SUITE_VERSION,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from node.judge.cards import MAX_CARDS_PER_MODEL, CardStore, decode_signed_card
-from node.router import RouteConstraints
+from node.judging.cards import MAX_CARDS_PER_MODEL, CardStore, decode_signed_card
+from node.routing.router import RouteConstraints
 from peers.identity import NodeIdentity
 from tests.hostile_net import (
     capability_card,

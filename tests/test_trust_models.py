@@ -77,9 +77,9 @@ def test_a_peer_serving_the_same_model_is_verified_by_a_greedy_probe(tmp_path: P
 
 
 def test_a_peer_with_another_model_is_verified_by_this_nodes_own_probes(tmp_path: Path) -> None:
-    from node.judge.cards import CardStore, decode_signed_card
-    from node.judge.runner import scorable_suites
-    from node.judge.suites import combined_version, load_suites
+    from node.judging.cards import CardStore, decode_signed_card
+    from node.judging.runner import scorable_suites
+    from node.judging.suites import combined_version, load_suites
     from peers.identity import NodeIdentity
     from tests.hostile_net import capability_card
 

@@ -168,7 +168,7 @@ def test_page_and_its_files_are_served_with_their_types(web_node: RunningNode) -
     for name, content_type in (("app.js", "text/javascript"), ("style.css", "text/css"), ("icon.svg", "image/svg+xml")):
         status, headers, _ = _get(f"{web_node.url}/web/{name}")
         assert (status, headers["Content-Type"].split(";")[0]) == (200, content_type), name
-    # No listing, nothing outside node/web/, no hidden or unknown kinds of file.
+    # No listing, nothing outside node/http/web/, no hidden or unknown kinds of file.
     for path in ("/web/", "/web/nope.js", "/web/..%2fweb_routes.py", "/web/%2e%2e%2fapi.py", "/web/.hidden.js", "/web/index.py"):
         status, _, body = _get(web_node.url + path)
         assert status == 404, path

@@ -1,0 +1,1 @@
+"""HTTP: the user API, the peer API, access control, OpenAPI and the web page."""

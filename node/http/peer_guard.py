@@ -1,0 +1,121 @@
+"""The peer API's gate: msgpack only, the whole body read, the sender's signature, membership and replay checked, replies signed."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from node.errors import Forbidden, InvalidRequest, NodeError, PayloadTooLarge, Unauthorized
+from node.http import api
+from peers import auth
+from peers.identity import NodeIdentity
+from peers.wire import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+
+PEER_PREFIX = "/peer/"
+MAX_PEER_BODY_BYTES = 256 << 10
+_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 has typed request keys
+
+
+def _request_key(name: str, kind: type):
+    return _RequestKey(name, kind) if _RequestKey is not None else name
+
+
+signer_key = _request_key("expertmesh.signer", auth.Signer)  # the authenticated sender
+body_key = _request_key("expertmesh.peer_body", bytes)  # the body bytes, read once
+_reply_signing_key = _request_key("expertmesh.reply_signing", tuple)  # (identity, secret) to sign a streamed reply
+
+
+class Unsupported(NodeError):
+    """The peer API speaks msgpack only."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+async def read_whole_body(request: web.Request, cap: int) -> bytes:
+    """The entire body (however many segments it arrives in), refused past `cap` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > cap:
+        raise PayloadTooLarge(f"peer request over {cap} bytes")
+    data = bytearray()
+    # read(n) returns what is buffered; keep reading until the stream ends.
+    while True:
+        chunk = await request.content.read(64 << 10)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > cap:
+            raise PayloadTooLarge(f"peer request over {cap} bytes")
+    if declared is not None and len(data) != declared:
+        raise InvalidRequest(f"peer request body ended after {len(data)} of {declared} bytes")
+    return bytes(data)
+
+
+def _media_type(request: web.Request) -> str:
+    return request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.ReplayCache | None = None):
+    """Authenticate every `/peer/` request and sign every reply; `identity_of(app)` gives this node's identity."""
+    replay = replay or auth.ReplayCache()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        if not request.path.startswith(PEER_PREFIX) or _relay_route(request.path):
+            return await handler(request)
+        identity: NodeIdentity = identity_of(request.app)
+        nonce = request.headers.get(auth.NONCE_HEADER, "")
+        try:
+            if request.method != "POST":
+                raise InvalidRequest("the peer API takes POST only")
+            # A browser's "simple" request (text/plain, form) cannot set this type without a CORS preflight.
+            if _media_type(request) != CONTENT_TYPE:
+                raise Unsupported(f"the peer API takes Content-Type: {CONTENT_TYPE} only")
+            body = await read_whole_body(request, MAX_PEER_BODY_BYTES)
+            try:
+                signer = auth.verify_request(request.headers, request.method, request.path, body, replay, secret=secret)
+            except auth.AuthError as exc:
+                log.info("refused a peer request from %s on %s: %s", _remote(request), request.path, exc.message)
+                if exc.status == 403:
+                    raise Forbidden(exc.message) from exc
+                raise Unauthorized(exc.message) from exc
+            request[signer_key] = signer
+            request[body_key] = body
+            request[_reply_signing_key] = (identity, secret)
+            response = await handler(request)
+        except NodeError as exc:
+            response = api.error_response(exc)
+        if not response.prepared and isinstance(response, web.Response):
+            response.headers.update(auth.sign_reply(identity, nonce, response.status, response.body or b"", secret=secret))
+        return response
+
+    return middleware
+
+
+def _relay_route(path: str) -> bool:
+    """A relay's own routes authenticate end to end instead: the tunnel by a challenge signed with the home
+    node's key, a relayed request at the home node itself (which gets the requester's signed headers)."""
+    from node.mesh.relay import CONNECT_PATH, RELAY_PREFIX
+
+    return path == CONNECT_PATH or path.startswith(RELAY_PREFIX + "/")
+
+
+async def peer_body(request: web.Request, cap: int) -> bytes:
+    """The body the guard already read (and authenticated), or read it now under `cap`."""
+    body = request.get(body_key)
+    return body if body is not None else await read_whole_body(request, cap)
+
+
+def stream_reply_headers(request: web.Request, status: int = 200) -> dict[str, str]:
+    """Signature headers for a streamed reply, bound to the request's nonce."""
+    identity, secret = request[_reply_signing_key]
+    return auth.sign_reply(identity, request[signer_key].nonce, status, None, secret=secret)
+
+
+def _remote(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else "unknown"

@@ -1,1 +1,0 @@
-"""Judging: probe suites (data files), scoring of answers, and score statistics."""

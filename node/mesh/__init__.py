@@ -1,0 +1,1 @@
+"""The mesh: peers, hellos and exchange, relays, invites, the directory."""

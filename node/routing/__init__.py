@@ -1,0 +1,1 @@
+"""Routing: the router over the bandit, decomposition, community learning, reports."""

@@ -1,0 +1,1 @@
+"""Serving: models on disk, local experts, batching, worker processes, specialists."""

@@ -1,0 +1,1 @@
+"""Specialist definitions shipped with expertmesh (TOML data, read by node.serving.specialists)."""

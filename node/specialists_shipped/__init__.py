@@ -1,1 +1,0 @@
-"""Specialist definitions shipped with expertmesh (TOML data, read by node.specialists)."""
