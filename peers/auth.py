@@ -8,10 +8,17 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
-from peers.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, NodeId, NodeIdentity, node_id_from_public_key, verify_signature
+from peers.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    NodeId,
+    NodeIdentity,
+    node_id_from_public_key,
+    verify_signature,
+)
 
 KEY_HEADER = "X-Expertmesh-Key"
 TIME_HEADER = "X-Expertmesh-Time"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -229,7 +230,7 @@ class PeerClient:
                     if wait_s <= 0:
                         raise TimeoutError
                     chunk = await asyncio.wait_for(response.content.readany(), wait_s)
-                except (TimeoutError, asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
                     if loop.time() >= deadline_s:
                         raise PeerTimedOut(f"{url} was still streaming after the {self._stream_deadline_s:.0f} s deadline") from exc
                     raise PeerTimedOut(f"{url} sent no frame for {self._idle_timeout_s:.0f} s") from exc

@@ -148,7 +148,7 @@ def receive(
         if current is not None and current.version >= news.version:
             known.append(news.node_id)
             continue
-        if current is None and len((entries or directory.entries)) >= policy.max_entries:
+        if current is None and len(entries or directory.entries) >= policy.max_entries:
             continue
         if not verify(news):
             continue

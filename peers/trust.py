@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 # How much one piece of evidence multiplies a peer's trust by: lies cost more than accidents.
 PENALTIES: Mapping[str, float] = {

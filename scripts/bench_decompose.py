@@ -200,7 +200,9 @@ class Outcome:
     note: str = ""
 
 
-def pick_pairs(scores: dict[str, dict[str, DimensionScore]], experts: list[str], dims: list[str], max_pairs: int) -> tuple[list[tuple[str, str]], list[str]]:
+def pick_pairs(
+    scores: dict[str, dict[str, DimensionScore]], experts: list[str], dims: list[str], max_pairs: int
+) -> tuple[list[tuple[str, str]], list[str]]:
     """Pairs (d1, d2) whose card leaders differ, largest smaller margin first; and notes."""
     a, b = experts
     gap = {d: scores[a][d].mean - scores[b][d].mean for d in dims}
@@ -382,11 +384,14 @@ def report(outcomes: list[Outcome], leaders: dict[str, str], seed: int) -> None:
     w = sys.stdout.write
     n_q = len(outcomes)
 
-    w("\n== per query (relaxed score per part; expert per part; * = a less probable expert than the policy's top one, i.e. exploration; ties are not) ==\n")
+    w(
+        "\n== per query (relaxed score per part; expert per part; * = a less probable expert than the policy's top one,"
+        " i.e. exploration; ties are not) ==\n"
+    )
     for i, o in enumerate(outcomes, 1):
-        a_exp = ",".join(short(e) + ("*" if x else "") for e, x in zip(o.experts["decomposed"], o.explored["decomposed"]))
+        a_exp = ",".join(short(e) + ("*" if x else "") for e, x in zip(o.experts["decomposed"], o.explored["decomposed"], strict=True))
         b_exp = short(o.experts["whole"][0]) + ("*" if o.explored["whole"][0] else "")
-        rel = lambda k: "".join(str(int(s)) for s in o.relaxed[k])  # noqa: E731
+        rel = lambda k, o=o: "".join(str(int(s)) for s in o.relaxed[k])  # noqa: E731
         w(
             f"{i:2d} {o.query.pair[0][:5]}+{o.query.pair[1][:5]}  "
             f"a:{rel('decomposed')} [{a_exp}] {o.latency_s['decomposed']:5.1f}s   "
@@ -440,7 +445,8 @@ def report(outcomes: list[Outcome], leaders: dict[str, str], seed: int) -> None:
 
     w("\n== routing ==\n")
     for k in approaches:
-        decisions = [(o.experts[k][j], o.explored[k][j], o.probability[k][j]) for o in outcomes for j in (range(2) if k == "decomposed" else range(1))]
+        parts = range(2) if k == "decomposed" else range(1)
+        decisions = [(o.experts[k][j], o.explored[k][j], o.probability[k][j]) for o in outcomes for j in parts]
         explored = sum(x for _, x, _ in decisions)
         w(
             f"{k:<11} {len(decisions)} decisions, experts {dict(Counter(short(e) for e, _, _ in decisions))}, "

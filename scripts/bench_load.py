@@ -127,7 +127,7 @@ async def _client(
             async with session.post(url + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 answer = await response.json(content_type=None)
                 status, retry_after = response.status, response.headers.get("Retry-After")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result.statuses["timeout"] += 1
             result.failures.append(f"client {index} request {n} to {url}: no answer in {timeout_s} s")
             continue
@@ -156,7 +156,7 @@ async def _client(
             try:
                 async with session.post(url + "/v1/feedback", json=rating, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                     result.feedback[str(response.status)] += 1
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 result.feedback[type(exc).__name__] += 1
 
 

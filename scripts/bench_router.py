@@ -143,10 +143,10 @@ def latency_lines(sizes: Sequence[int]) -> tuple[list[str], dict[int, float]]:
         experts = _experts(n)
         repeats = 2000 if n <= 100 else 200
 
-        def decide() -> int:
+        def decide(experts: list = experts) -> int:
             return sample_index(policy.probabilities(query, experts), rng)
 
-        def judge() -> int:
+        def judge(experts: list = experts, n: int = n) -> int:
             scores = [e.task_score(query.task) or 0.0 for e in experts]
             return max(range(n), key=scores.__getitem__)
 
@@ -188,9 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Drift (atlas drops 0.8 -> 0.2 at event 1000; events until the new best has 50% of",
         "the last 10 affected queries): " + ", ".join(str(r) for r in recoveries),
         "",
-        "Decision latency in ms (Policy.probabilities + sample_index; load average %.2f"
-        " on %d CPUs; ratio against judge-greedy's argmax in the same process):"
-        % (os.getloadavg()[0], os.cpu_count() or 0),
+        f"Decision latency in ms (Policy.probabilities + sample_index; load average {os.getloadavg()[0]:.2f}"
+        f" on {os.cpu_count() or 0} CPUs; ratio against judge-greedy's argmax in the same process):",
         *latency,
         "",
         "Goals:",

@@ -18,9 +18,9 @@ import statistics
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId, query_features
 from bandit.policy import Policy, sample_index
@@ -181,7 +181,7 @@ def workload(per_task: int) -> list[Item]:
     for i, (word, language, accepted) in enumerate(TRANSLATIONS[:per_task]):
         items.append(Item(f"translate-{i}", "translation", f'Translate "{word}" into {language}.', _contains(*accepted)))
     # Positive and negative alternate, so any prefix is balanced.
-    reviews = [r for pair in zip(REVIEWS[:20], REVIEWS[20:]) for r in pair]
+    reviews = [r for pair in zip(REVIEWS[:20], REVIEWS[20:], strict=True) for r in pair]
     for i, (review, label) in enumerate(reviews[:per_task]):
         prompt = f'Is this review positive or negative? "{review}"'
         items.append(Item(f"sentiment-{i}", "sentiment", prompt, _first_label(label, SENTIMENT_LABELS)))
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         expert.close()
 
     out = sys.stdout
-    out.write("\nJudged profiles (existing judge suites, first %d items per dimension, greedy)\n" % args.judge_items)
+    out.write(f"\nJudged profiles (existing judge suites, first {args.judge_items} items per dimension, greedy)\n")
     dims = sorted({d for p in profiles.values() for d in p})
     width = max(len(e) for e in profiles) + 2
     out.write(f"{'expert':<{width}}" + "".join(f"{d[:14]:>15}" for d in dims) + "\n")

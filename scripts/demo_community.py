@@ -148,12 +148,12 @@ def teach_and_join(tmp: Path, teach: int, fresh: int) -> dict[str, FreshRun]:
                 "--spot-check-interval-s", "1", *NODE_ARGS, *extra,
             )
             nodes.append(c)
-            _wait(lambda: GEMMA3_ID in _models(c) and SMOLLM2_ID in _models(c), "the fresh node to list both experts")
+            _wait(lambda c=c: GEMMA3_ID in _models(c) and SMOLLM2_ID in _models(c), "the fresh node to list both experts")
             # Unverified remote experts get a capped share of traffic (README: Trust): the fresh node first checks
             # B's expert with its own probes, whatever A's and B's users taught.
-            _wait(lambda: GEMMA3_ID in _verified(c), "the fresh node to verify B's expert", timeout_s=300.0)
+            _wait(lambda c=c: GEMMA3_ID in _verified(c), "the fresh node to verify B's expert", timeout_s=300.0)
             if not extra:
-                _wait(lambda: _reporters(c) == 2, "the fresh node to hold A's and B's summaries")
+                _wait(lambda c=c: _reporters(c) == 2, "the fresh node to hold A's and B's summaries")
             results[name] = fresh_node_run(c, fresh)
             c.stop()
         return results

@@ -43,7 +43,7 @@ async def main() -> None:
             nodes.append(
                 start_node(Path(tmp) / "chloe", "--model", "smollm2-135m", "--model", "gemma3-270m", *bootstrap, *fast, mdns=mdns)
             )
-            names = {n.node_id: name for n, name in zip(nodes, ("ana", "ben", "chloe"))}
+            names = {n.node_id: name for n, name in zip(nodes, ("ana", "ben", "chloe"), strict=True)}
             for node in nodes:
                 sys.stdout.write(f"started {names[node.node_id]:<6} {node.node_id} at {node.url}\n")
             sys.stdout.write(f"discovery: {'mDNS on 127.0.0.1' if mdns else '--peer and peer exchange'}\n")

@@ -77,7 +77,7 @@ async def simulate(sybils: int, honest: int, queries: int, cap: float, workdir: 
     honest_ids = [NodeIdentity.load_or_create(workdir / f"honest{i}") for i in range(honest)]
     # The victim measured its own expert and half of its honest peers' experts; every owner judged its own.
     victim_cards = [capability_card(victim_id, victim_id.node_id, local.spec.id, _sha(1), 0.7)]
-    for i, (expert, identity) in enumerate(zip(honest_experts, honest_ids)):
+    for i, (expert, identity) in enumerate(zip(honest_experts, honest_ids, strict=True)):
         _store(workdir / f"honest{i}", capability_card(identity, identity.node_id, expert.spec.id, expert.spec.sha256, 0.6))
         if i % 2 == 0:
             victim_cards.append(capability_card(victim_id, identity.node_id, expert.spec.id, expert.spec.sha256, 0.65))
@@ -103,10 +103,11 @@ async def simulate(sybils: int, honest: int, queries: int, cap: float, workdir: 
         await wait_until(lambda: len(victim.network.remote_experts()) == expected, timeout_s=60, what="every peer's expert")
         # The Sybils' forgeries: cards about the victim's own model and its peers', and a /cards flood.
         async with aiohttp.ClientSession() as session:
-            for s, node in enumerate(nodes[1 + honest :]):
+            for node in nodes[1 + honest :]:
                 forged = [capability_card(NodeIdentity.generate(), node.node_id, local.spec.id, _sha(1), 0.0) for _ in range(8)]
                 stranger = NodeIdentity.generate()
-                await signed_post(session, victim.url, "/peer/v1/hello", hello_body(stranger, [expert_info(local.spec.id, _sha(1), forged)]), stranger)
+                hello = hello_body(stranger, [expert_info(local.spec.id, _sha(1), forged)])
+                await signed_post(session, victim.url, "/peer/v1/hello", hello, stranger)
                 future = int(time.time() * 1000) + 86_400_000
                 for _ in range(8):
                     card = capability_card(node.identity, node.node_id, local.spec.id, _sha(1), 0.0, issued_ms=future)

@@ -10,6 +10,8 @@ import pytest
 
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode
 
+pytestmark = pytest.mark.model
+
 
 @pytest.fixture(scope="module")
 def client(node: RunningNode) -> openai.OpenAI:
@@ -228,4 +230,4 @@ async def test_health_and_metrics(node: RunningNode, client: openai.OpenAI) -> N
     assert f'expertmesh_tokens_total{{expert="{SMOLLM2_ID}",kind="completion"}}' in text
     assert "expertmesh_request_latency_seconds_bucket" in text
     assert f'expertmesh_time_to_first_token_seconds_count{{expert="{SMOLLM2_ID}"}}' in text
-    assert f'expertmesh_queue_depth{{expert="{SMOLLM2_ID}"}} 0.0' in text, [l for l in text.splitlines() if "queue" in l]
+    assert f'expertmesh_queue_depth{{expert="{SMOLLM2_ID}"}} 0.0' in text, [line for line in text.splitlines() if "queue" in line]

@@ -146,7 +146,7 @@ def test_eight_concurrent_streams_with_their_own_stops_and_lengths(expert: Local
     results = asyncio.run(run_all())
     elapsed_s = time.perf_counter() - started_s
     same = 0
-    for (tokens, style_stops, stop, max_tokens), (text, finished) in zip(cases, results):
+    for (tokens, style_stops, stop, max_tokens), (text, finished) in zip(cases, results, strict=True):
         expected, expected_reason = _direct(direct, tokens, (*stop, *style_stops), max_tokens)
         for s in (*stop, *style_stops):
             assert s not in text
@@ -157,7 +157,7 @@ def test_eight_concurrent_streams_with_their_own_stops_and_lengths(expert: Local
     # Batched greedy decoding may pick another token at a near-tie (a batch of 8 sums in another order than
     # a batch of 1), so one answer may drift; slots mixing their cells or samplers would change them all.
     assert same >= len(cases) - 2, same
-    stopped = [f for (_, _, s, _), (t, f) in zip(cases, results) if s and f.finish_reason == "stop"]
+    stopped = [f for (_, _, s, _), (t, f) in zip(cases, results, strict=True) if s and f.finish_reason == "stop"]
     assert len(stopped) >= 2
     assert any(f.finish_reason == "length" for _, f in results)
     assert expert.queue_depth == 0

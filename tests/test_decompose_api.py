@@ -9,6 +9,8 @@ from tests.nodes import RunningNode
 from tests.test_peers import get_json
 from tests.test_router import post_json
 
+pytestmark = pytest.mark.model
+
 COMPOUND = "Translate 'cat' into French. What is 12 plus 7?"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import openai
@@ -29,6 +29,8 @@ from peers.wire import (
 )
 from tests.nodes import RunningNode, start_node
 from tests.test_peers import FAST, get_json, model_ids, wait_for
+
+pytestmark = pytest.mark.model
 
 FAKE_SHA = "f" * 64
 

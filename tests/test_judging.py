@@ -9,14 +9,23 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from node.judging.cards import CapabilityCard, Performance, SignedCapabilityCard, encode_signed_card, sign_capability_card
+from node.judging.cards import (
+    CapabilityCard,
+    Performance,
+    SignedCapabilityCard,
+    encode_signed_card,
+    sign_capability_card,
+)
 from node.judging.stats import summarize
 from peers.identity import NodeIdentity
 from peers.wire import ExpertInfo, Hello, NodeCard, encode, sign_card
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, start_node
 from tests.test_peers import FAST, get_json, model_ids, wait_for
 from tests.test_peers import signed as signed_headers
+
+pytestmark = pytest.mark.model
 
 DIMENSIONS = {"knowledge", "arithmetic", "translation", "classification", "instruction", "safety", "reasoning"}
 SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

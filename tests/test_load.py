@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import pytest
 
 from tests.nodes import SMOLLM2_ID, RunningNode, start_node
+
+pytestmark = pytest.mark.model
 
 QUEUE_SIZE = 1
 CONCURRENT_REQUESTS = 8

@@ -9,14 +9,18 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 to create network namespaces"
-)
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.model,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2 to create network namespaces"
+    ),
+]
 
 API_KEY = "partition-test-key"
 ADDRESSES = ("10.252.0.1", "10.252.0.2")

@@ -247,7 +247,10 @@ async def test_tarpit_addresses_cannot_starve_an_honest_peers_hellos(tmp_path: P
             # The honest peer stops hello-ing us, so only the node's own hellos keep it alive.
             dead_samples += not node.network.is_verified_peer(honest.node_id)
             await asyncio.sleep(0.25)
-        print(f"\nitem 11: 256 tarpit addresses learned, {len(held)} connections held; honest peer dead in {dead_samples}/{samples} samples over 15 s")
+        print(
+            f"\nitem 11: 256 tarpit addresses learned, {len(held)} connections held;"
+            f" honest peer dead in {dead_samples}/{samples} samples over 15 s"
+        )
         assert len(held) > 0  # the tarpits were dialled
         assert dead_samples == 0
     finally:
@@ -389,7 +392,7 @@ async def test_slowloris_connections_are_closed(tmp_path: Path) -> None:
                     await writer.drain()
                     if await asyncio.wait_for(reader.read(1), 0.5) == b"":
                         return time.monotonic() - started
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     continue
                 except (ConnectionError, OSError):
                     return time.monotonic() - started

@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import aiohttp
 import msgpack
@@ -28,6 +28,8 @@ from peers.wire import (
     sign_card,
 )
 from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
+
+pytestmark = pytest.mark.model
 
 FAST = ("--hello-interval-s", "1", "--peer-dead-after-s", "4")
 MEET_TIMEOUT_S = 30.0

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -107,7 +107,8 @@ class Node:
             ["ip", "netns", "exec", ns, sys.executable, "-m", "node", "start", "--host", host, "--port", str(PORT),
              "--data-dir", str(data_dir), "--no-mdns", "--no-judge", "--api-key", API_KEY, "--threads", "1",
              "--hello-interval-s", "1", "--peer-dead-after-s", str(DEAD_AFTER_S), *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), SAFE_KERNELS_ENV: "true" if safe_cpu_kernels() else "false"},
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), SAFE_KERNELS_ENV: "true" if safe_cpu_kernels() else "false"},
         )
         log.close()
         deadline = time.monotonic() + 180

@@ -58,6 +58,7 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
     return asyncio.run(_post(url, body))
 
 
+@pytest.mark.model
 def test_feedback_errors_and_decision_record(node: RunningNode) -> None:
     routing = _ask(_client(node), "What is 2+2?")
     feedback = node.url + "/v1/feedback"
@@ -78,6 +79,7 @@ def test_feedback_errors_and_decision_record(node: RunningNode) -> None:
     assert get_json(node.url + "/v1/decisions/nope")["error"]["code"] == "not_found"
 
 
+@pytest.mark.model
 def test_request_constraints_limit_the_candidates(node: RunningNode) -> None:
     client = _client(node)
     for _ in range(3):
@@ -97,6 +99,7 @@ def _rate(node: RunningNode, routing: dict, rating: str) -> None:
     assert status == 200
 
 
+@pytest.mark.model
 def test_policy_survives_restart_kill_9_and_a_corrupt_model_file(tmp_path: Path) -> None:
     data = tmp_path / "node"
     first = start_node(data, "--model", "smollm2-135m", "--model", "gemma3-270m")
@@ -133,11 +136,15 @@ def test_policy_survives_restart_kill_9_and_a_corrupt_model_file(tmp_path: Path)
 
 
 ARITHMETIC = ["What is {a} plus {b}?", "Compute {a} * {b}.", "What is {a} minus {b}?", "Calculate {a} + {b}."]
-TRANSLATION = ["Translate 'house' into French.", "Translate 'good morning' to Spanish.", "How do you say 'dog' in German? Translate it.", "Translate 'thank you' into Italian."]
+TRANSLATION = [
+    "Translate 'house' into French.", "Translate 'good morning' to Spanish.",
+    "How do you say 'dog' in German? Translate it.", "Translate 'thank you' into Italian.",
+]
 TRAINING_EVENTS = 60
 CHECK_EVENTS = 20
 
 
+@pytest.mark.model
 def test_routing_follows_a_users_ratings_across_two_nodes(tmp_path: Path) -> None:
     """The user likes gemma3 (on B) for arithmetic and smollm2 (on A) for translation; routing from A follows."""
     a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--spot-check-interval-s", "1", *FAST)
@@ -174,6 +181,7 @@ def test_routing_follows_a_users_ratings_across_two_nodes(tmp_path: Path) -> Non
         b.stop()
 
 
+@pytest.mark.model
 def test_cli_ask_rates_and_report_compares_policies(node: RunningNode) -> None:
     import subprocess
     import sys
@@ -194,6 +202,7 @@ def test_cli_ask_rates_and_report_compares_policies(node: RunningNode) -> None:
     assert stats["rated"] >= 2 and stats["reward_over_time"] and stats["share_by_task"]["arithmetic"]
 
 
+@pytest.mark.model
 def test_a_choice_that_fails_before_answering_falls_back_and_the_ledger_says_so(tmp_path: Path) -> None:
     # A keeps a dead peer listed for a minute, so routing still picks it now and then.
     a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--hello-interval-s", "1", "--peer-dead-after-s", "60")

@@ -207,7 +207,10 @@ def test_response_format_grammars() -> None:
             {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"n": {"type": "integr"}}}}},
             "response_format.json_schema.schema.properties.n.type",
         ),
-        ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "required": "n"}}}, "response_format.json_schema.schema.required"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "required": "n"}}},
+            "response_format.json_schema.schema.required",
+        ),
         ("json", "response_format"),
     ],
 )

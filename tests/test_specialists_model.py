@@ -141,7 +141,10 @@ SENTIMENT_SCHEMA = {
 
 
 def test_adopt_and_response_format_between_two_nodes(tmp_path: Path) -> None:
-    a = start_node(tmp_path / "a", "--model", "smollm2-135m", "--expert", "sentiment", "--expert", "facts", "--threads", "1", "--hello-interval-s", "1")
+    a = start_node(
+        tmp_path / "a", "--model", "smollm2-135m", "--expert", "sentiment", "--expert", "facts", "--threads", "1",
+        "--hello-interval-s", "1",
+    )
     b = None
     try:
         b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, "--threads", "1", "--hello-interval-s", "1")
@@ -171,7 +174,10 @@ def test_adopt_and_response_format_between_two_nodes(tmp_path: Path) -> None:
             {
                 "model": SMOLLM2_ID,
                 "messages": [{"role": "user", "content": "Give the capital of France as JSON with a key city."}],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}}},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+                    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+                    "additionalProperties": False,
+                }}},
                 "max_tokens": 40,
                 "temperature": 0,
             },
@@ -185,7 +191,10 @@ def test_adopt_and_response_format_between_two_nodes(tmp_path: Path) -> None:
             {
                 "model": "auto",
                 "messages": [{"role": "user", "content": "hi"}],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"n": {"type": "integr"}}}}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"n": {"type": "integr"}}}},
+                },
             },
         )
         assert status == 400 and body["error"]["param"] == "response_format.json_schema.schema.properties.n.type", body

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -488,7 +489,7 @@ def test_frame_reader_across_arbitrary_chunk_splits(n: int, cuts: list[int]) -> 
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     reader = FrameReader(GenerateFrame, max_frame_bytes=256, max_total_bytes=len(stream))
     got: list[GenerateFrame] = []
-    for start, end in zip(points, points[1:]):
+    for start, end in itertools.pairwise(points):
         reader.feed(stream[start:end])
         got.extend(reader)
     reader.finish()

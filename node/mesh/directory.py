@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, ClassVar
+from typing import ClassVar
 
 import aiohttp
 from aiohttp import web
@@ -124,7 +125,7 @@ class DirectoryService:
                 if response.status != 200:
                     return False
                 reply = decode(await response.content.read(MAX_GOSSIP_BYTES + 1), GossipReply, max_bytes=MAX_GOSSIP_BYTES)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
             log.debug("gossip with %s failed: %s", partner, exc)
             return False
         news = [n for n in (_news(c) for c in reply.cards) if n is not None]

@@ -10,8 +10,8 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -120,7 +120,7 @@ async def redeem_joins(session: aiohttp.ClientSession, identity: NodeIdentity, d
                 log.error("the invite of node %s was refused: %s", invite.node_id, exc)
                 entry["joined"] = "refused"
                 break
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
                 log.info("join %s: %s; retrying in %.0f s", invite.node_id, exc, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, JOIN_RETRY_MAX_S)
@@ -147,7 +147,7 @@ async def join(session: aiohttp.ClientSession, identity: NodeIdentity, invite) -
                 if reply.node_id != invite.node_id:
                     raise WireError(502, "a different node answered the join")
                 return reply
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             last = exc
     raise aiohttp.ClientError(f"no address of {invite.node_id} answered: {last}")
 

@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -119,7 +119,7 @@ class RelayServer:
             if not isinstance(auth, TunnelAuth):
                 raise WireError(400, "expected tunnel_auth")
             node_id = check_tunnel(challenge, auth)
-        except (WireError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, WireError) as exc:
             await ws.close(code=4400, message=str(exc)[:100].encode())
             return ws
         if self.admissions.is_revoked(node_id) or not (self._settings.relay_open or self.admissions.is_admitted(node_id)):
@@ -208,7 +208,7 @@ class RelayServer:
                 while not ended:
                     try:
                         item = await asyncio.wait_for(queue.get(), STREAM_IDLE_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                     if item is None:
                         break
@@ -301,7 +301,7 @@ class RelayLinks:
                 refused = not await self._tunnel(relay)
                 if not refused:
                     delay_s = RECONNECT_MIN_S
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
                 log.debug("tunnel to %s: %s", relay, exc)
             finally:
                 if self.relayed.pop(relay, None) is not None:
@@ -381,7 +381,7 @@ class RelayLinks:
                         await send(TunnelData(stream_id=sid, data=env))
             for env in sealer.seal(b"", end=True):
                 await send(TunnelData(stream_id=sid, data=env, end=True))
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("relayed %s failed locally: %s", request.route, exc)
             await _quiet(send(TunnelData(stream_id=sid, end=True)))  # unsigned end: the requester sees a broken stream
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
 
 from node.errors import CatalogError
 from node.serving import catalog

@@ -96,7 +96,7 @@ class Definition(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_constraint(self) -> "Definition":
+    def _one_constraint(self) -> Definition:
         if self.grammar is not None and self.json_schema is not None:
             raise ValueError("give at most one of 'grammar' and 'json_schema'")
         return self

@@ -19,10 +19,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable
 
 from node.serving.batching import Done, Failed, SlotRequest, StepEvent
 
