@@ -37,8 +37,11 @@ sys.path.insert(0, str(REPO))
 
 from node.config import default_models_dir  # noqa: E402
 from node.serving import catalog  # noqa: E402
-from tests.direct import direct_llama  # noqa: E402
-from tests.nodes import child_pids, start_node  # noqa: E402
+from tests.nodes import (  # noqa: E402
+    child_pids,
+    direct_llama,  # noqa: E402
+    start_node,
+)
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",

@@ -39,7 +39,7 @@ from node.judging.cards import CardStore, decode_signed_card  # noqa: E402
 from node.routing.router import RouteConstraints  # noqa: E402
 from peers.identity import NodeIdentity  # noqa: E402
 from peers.wire import CardSubmission, encode  # noqa: E402
-from tests.hostile_net import (  # noqa: E402
+from tests.nodes import (  # noqa: E402
     capability_card,
     expert_info,
     fake_expert,

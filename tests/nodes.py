@@ -1,21 +1,51 @@
-"""Start real expertmesh nodes as subprocesses on loopback, port 0, and find their URL."""
+"""Everything tests share: real nodes (subprocesses with models, or in-process apps without), peer requests, waits."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import os
+import secrets
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+from zeroconf import DNSIncoming, DNSPointer, DNSService, DNSText
+
+from node.config import Settings
+from node.http import api
+from node.http.app import IDLE_CONNECTION_TIMEOUT_S, create_app, identity_key
+from node.judging.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
+from node.judging.service import Judging
+from node.judging.stats import DimensionScore
+from node.mesh.network import Network
+from node.routing.router import Router
+from node.serving.experts import ExpertSpec, LocalExpert, expert_id_for
+from node.serving.native import load_llama
+from peers import auth
+from peers.identity import NodeIdentity
+from peers.wire import CONTENT_TYPE, ExpertInfo, Hello, NodeCard, encode, sign_card
+
+T = TypeVar("T")
 
 SMOLLM2_ID = "smollm2-135m@b179c9523d0e"
 GEMMA3_ID = "gemma3-270m@a5fd3b62230a"
 
 # The first start on a fresh machine pulls the models through pip.
 START_TIMEOUT_S = 300.0
+# Peers that notice each other (and each other's death) within seconds.
+FAST = ("--hello-interval-s", "1", "--peer-dead-after-s", "4")
+MEET_TIMEOUT_S = 30.0
 SAFE_KERNELS_ENV = "EXPERTMESH_SAFE_CPU_KERNELS"
 _verdict: bool | None = None
 
@@ -110,3 +140,276 @@ def start_node(
         time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"node did not start in {START_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')}")
+
+
+# ---- waiting for a condition ------------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], T], what: str = "condition", timeout_s: float = MEET_TIMEOUT_S, interval_s: float = 0.2) -> T:
+    """Poll until `condition` returns something truthy and return it, or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+async def wait_until(condition: Callable[[], T], what: str = "condition", timeout_s: float = 20.0, interval_s: float = 0.05) -> T:
+    """`wait_for` on the event loop: poll without blocking it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# ---- plain HTTP from sync tests ---------------------------------------------------------------------------
+
+
+def get_json(url: str) -> dict:
+    """A blocking GET for polling from sync tests."""
+    async def fetch() -> dict:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:
+                return await response.json()
+
+    return asyncio.run(fetch())
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """A blocking POST for sync tests: status and JSON body."""
+    async def post() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=body) as response:
+                return response.status, await response.json()
+
+    return asyncio.run(post())
+
+
+def model_ids(node: RunningNode) -> set[str]:
+    """The ids `/v1/models` lists."""
+    return {m["id"] for m in get_json(node.url + "/v1/models")["data"]}
+
+
+def direct_llama(path: Path, *, n_ctx: int, n_threads: int, safe_cpu_kernels: bool):
+    """llama-cpp-python's own `Llama`, the reference the batching worker is compared with, on the same CPU kernels."""
+    return load_llama(
+        str(path), safe_cpu_kernels=safe_cpu_kernels, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False
+    )
+
+
+# ---- in-process nodes without models, and a stranger's signed peer calls (the attacker's kit) ------------
+
+SUITE = "2026.11.1"
+DIMENSIONS = ("arithmetic", "knowledge", "safety")
+
+
+class NoWorker:
+    """Where a model's worker process would be: these tests route and judge cards, never generate."""
+
+    info = None
+    restarts = 0
+    pid = None
+
+    def tokens_per_s(self) -> float:
+        return 0.0
+
+    def submit(self, request: object, sink: object) -> None:
+        raise RuntimeError("a model-free test expert was asked to generate")
+
+    def cancel(self, request_id: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def fake_expert(name: str, sha256: str) -> LocalExpert:
+    """A local expert with no model behind it: enough for cards, tables and routing, never asked to generate."""
+    spec = ExpertSpec(
+        id=expert_id_for(name, sha256), name=name, path=Path("/nonexistent.gguf"), sha256=sha256, size_bytes=0,
+        family="test", quantization="Q8_0", prompt_style="completion", n_ctx=2048, params="1M",
+    )
+    return LocalExpert(spec, None, NoWorker(), queue_size=1)  # type: ignore[arg-type]
+
+
+@dataclass
+class LiveNode:
+    """A node's real aiohttp app, listening on 127.0.0.1."""
+
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return self.app[identity_key]
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def network(self) -> Network:
+        return self.app[api.network_key]
+
+    @property
+    def judging(self) -> Judging:
+        return self.app[api.judging_key]
+
+    @property
+    def router(self) -> Router:
+        return self.app[api.router_key]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_live_node(
+    data_dir: Path, experts: Sequence[LocalExpert] = (), *, start_network: bool = True,
+    idle_connection_timeout_s: float = IDLE_CONNECTION_TIMEOUT_S, **settings: Any,
+) -> LiveNode:
+    """Start a node's app on 127.0.0.1 port 0 with `experts` (no model files); settings override fast defaults."""
+    values: dict[str, Any] = dict(
+        host="127.0.0.1", port=0, data_dir=data_dir, mdns=False, judge_on_start=False, spot_check_interval_s=0.0,
+        hello_interval_s=1.0, peer_dead_after_s=4.0,
+    )
+    values.update(settings)
+    app = create_app(Settings(**values), experts=list(experts))
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0, keepalive_timeout=idle_connection_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    if start_network:
+        await app[api.network_key].start([url])
+    return LiveNode(app, runner, url)
+
+
+def capability_card(
+    judge: NodeIdentity, owner: str, expert_id: str, sha256: str, score: float, *, issued_ms: int | None = None,
+    dimensions: Sequence[str] = DIMENSIONS, n: int = 20, suite_version: str = SUITE,
+) -> bytes:
+    """A signed capability card from `judge` giving `score` on every dimension."""
+    half = 0.05 if 0 < score < 1 else 0.0
+    scores = tuple(DimensionScore(d, score, n, max(0.0, score - half), min(1.0, score + half)) for d in sorted(dimensions))
+    card = CapabilityCard(
+        expert_id=expert_id, model_sha256=sha256, scores=scores, performance=Performance(40.0, 50.0, 2048),
+        suite_version=suite_version, suite_digest="0" * 64, judge_node_id=judge.node_id, judge_public_key=judge.public_key_raw,
+        owner_node_id=owner, issued_ms=int(time.time() * 1000) if issued_ms is None else issued_ms, sample="full",
+    )
+    return encode_signed_card(sign_capability_card(card, judge))
+
+
+def expert_info(expert_id: str, sha256: str, cards: Sequence[bytes] = (), *, tokens_per_s: float | None = None) -> ExpertInfo:
+    return ExpertInfo(
+        expert_id=expert_id, name=expert_id.split("@")[0], family="test", params="1M", quantization="Q8_0", sha256=sha256,
+        prompt_style="chat", n_ctx=2048, queue_depth=0, queue_size=1, tokens_per_s=tokens_per_s, cards=tuple(cards),
+    )
+
+
+def hello_body(identity: NodeIdentity, experts: Sequence[ExpertInfo] = (), addresses: Sequence[str] = ()) -> bytes:
+    card = NodeCard(
+        node_id=identity.node_id, public_key=identity.public_key_raw, addresses=tuple(addresses), experts=tuple(experts),
+        issued_ms=int(time.time() * 1000),
+    )
+    return encode(Hello(card=sign_card(card, identity), sent_ms=int(time.time() * 1000)))
+
+
+async def signed_post(
+    session: aiohttp.ClientSession, url: str, path: str, body: bytes, identity: NodeIdentity | None, *,
+    secret: bytes | None = None, headers: dict[str, str] | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    """POST a peer request signed by `identity` (unsigned when None); status, body and headers of the reply."""
+    sent = {"Content-Type": CONTENT_TYPE}
+    if identity is not None:
+        sent.update(auth.sign_request(identity, "POST", path, body, secret=secret))
+    sent.update(headers or {})
+    async with session.post(url + path, data=body, headers=sent) as response:
+        return response.status, await response.read(), dict(response.headers)
+
+
+def signed(identity: NodeIdentity, path: str, body: bytes, secret: bytes | None = None) -> dict[str, str]:
+    """Headers of a peer request signed by `identity`."""
+    return {"Content-Type": CONTENT_TYPE, **auth.sign_request(identity, "POST", path, body, secret=secret)}
+
+
+# ---- mDNS on the wire, built by hand so the query owes nothing to zeroconf -----------------------------------
+
+MDNS_PORT = 5353
+TYPE_PTR, TYPE_TXT, TYPE_SRV = 12, 16, 33
+
+def dns_query(query_id: int, questions: Sequence[tuple[str, int]]) -> bytes:
+    """A standard DNS query (RFC 1035), class IN, no QU bit: what a legacy resolver sends."""
+    header = struct.pack("!HHHHHH", query_id, 0, len(questions), 0, 0, 0)
+    body = b"".join(_qname(name) + struct.pack("!HH", qtype, 1) for name, qtype in questions)
+    return header + body
+
+
+def _qname(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode("ascii") for label in name.rstrip(".").split(".")) + b"\0"
+
+
+def _txt_pairs(text: bytes) -> dict[str, str]:
+    pairs, i = {}, 0
+    while i < len(text):
+        length = text[i]
+        key, _, value = text[i + 1 : i + 1 + length].partition(b"=")
+        pairs[key.decode()] = value.decode()
+        i += 1 + length
+    return pairs
+
+
+def summarize_reply(data: bytes) -> dict[str, Any]:
+    """The parts of a DNS reply the tests look at, as plain JSON-able data."""
+    msg = DNSIncoming(data)
+    records = msg.answers()
+    return {
+        "id": msg.id,
+        "response": msg.is_response(),
+        "questions": [[q.name, q.type] for q in msg.questions],
+        "ptr": [r.alias for r in records if isinstance(r, DNSPointer)],
+        "srv": {r.name: r.port for r in records if isinstance(r, DNSService)},
+        "txt": {r.name: _txt_pairs(r.text) for r in records if isinstance(r, DNSText)},
+    }
+
+
+def legacy_query(
+    destination: str,
+    questions: Sequence[tuple[str, int]],
+    wanted: Callable[[dict[str, Any]], bool],
+    *,
+    source_host: str,
+    timeout_s: float = 5.0,
+) -> tuple[dict[str, Any], tuple[str, int], int]:
+    """Ask from an ephemeral UDP port; return (reply, replier address, our port) of the first wanted reply."""
+    query_id = secrets.randbelow(0xFFFF) + 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source_host, 0))
+        if ipaddress.ip_address(destination).is_multicast:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source_host))
+        own_port = sock.getsockname()[1]
+        assert own_port != MDNS_PORT
+        deadline = time.monotonic() + timeout_s
+        next_send = 0.0
+        while (now := time.monotonic()) < deadline:
+            if now >= next_send:
+                sock.sendto(dns_query(query_id, questions), (destination, MDNS_PORT))
+                next_send = now + 1.0
+            sock.settimeout(max(0.01, min(next_send, deadline) - now))
+            try:
+                data, source = sock.recvfrom(9000)
+            except TimeoutError:
+                continue
+            reply = summarize_reply(data)
+            if reply["id"] == query_id and reply["response"] and wanted(reply):
+                return reply, source, own_port
+    raise AssertionError(f"no wanted reply to {questions} sent to {destination}:{MDNS_PORT} within {timeout_s} s")

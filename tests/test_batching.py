@@ -15,8 +15,7 @@ import pytest
 from node.serving import catalog
 from node.serving.batching import common_prefix, stop_holdback, utf8_complete
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
-from tests.direct import direct_llama
-from tests.nodes import SMOLLM2_ID, RunningNode, child_pids, safe_cpu_kernels, start_node
+from tests.nodes import SMOLLM2_ID, RunningNode, child_pids, direct_llama, safe_cpu_kernels, start_node
 
 N_CTX = 512
 PROMPTS = (

@@ -8,7 +8,7 @@ from node.judging.cards import decode_signed_card
 from node.judging.trust import MAX_EARNED_WEIGHT, assess, judge_records, judge_weight
 from node.routing.router import MAX_ROUTING_CHARS, cap_unverified_share, routing_text
 from peers.identity import NodeIdentity
-from tests.hostile_net import capability_card
+from tests.nodes import capability_card
 
 SHA = [f"{i:064x}" for i in range(1, 6)]
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.nodes import RunningNode
-from tests.test_peers import get_json
-from tests.test_router import post_json
+from tests.nodes import RunningNode, get_json, post_json
 
 pytestmark = pytest.mark.model
 
@@ -77,8 +75,7 @@ def test_decomposition_is_opt_in_and_validated(node: RunningNode) -> None:
 
 
 def test_an_instruct_expert_good_enough_by_its_card_may_propose_a_split(tmp_path) -> None:
-    from tests.nodes import start_node
-    from tests.test_peers import wait_for
+    from tests.nodes import start_node, wait_for
 
     # Any judged instruction score qualifies here, so the (weak) local expert is asked.
     node = start_node(

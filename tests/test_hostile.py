@@ -27,8 +27,7 @@ from peers.wire import (
     encode,
     sign_card,
 )
-from tests.nodes import RunningNode, start_node
-from tests.test_peers import FAST, get_json, model_ids, wait_for
+from tests.nodes import FAST, RunningNode, get_json, model_ids, start_node, wait_for
 
 pytestmark = pytest.mark.model
 

@@ -21,9 +21,8 @@ from node.judging.cards import (
 from node.judging.stats import summarize
 from peers.identity import NodeIdentity
 from peers.wire import ExpertInfo, Hello, NodeCard, encode, sign_card
-from tests.nodes import GEMMA3_ID, SMOLLM2_ID, start_node
-from tests.test_peers import FAST, get_json, model_ids, wait_for
-from tests.test_peers import signed as signed_headers
+from tests.nodes import FAST, GEMMA3_ID, SMOLLM2_ID, get_json, model_ids, start_node, wait_for
+from tests.nodes import signed as signed_headers
 
 pytestmark = pytest.mark.model
 

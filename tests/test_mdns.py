@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import secrets
 import shutil
-import socket
-import struct
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from zeroconf import DNSIncoming, DNSPointer, DNSService, DNSText, ServiceInfo, Zeroconf
+from zeroconf import ServiceInfo, Zeroconf
 from zeroconf.asyncio import AsyncZeroconf
 
 from peers.mdns import (
@@ -28,11 +26,10 @@ from peers.mdns import (
     PeerGone,
     peer_from_service,
 )
+from tests.nodes import MDNS_PORT, TYPE_PTR, TYPE_SRV, TYPE_TXT, legacy_query, wait_until
 
 LOOPBACK = "127.0.0.1"
 MDNS_GROUP = "224.0.0.251"
-MDNS_PORT = 5353
-TYPE_PTR, TYPE_TXT, TYPE_SRV = 12, 16, 33
 WAIT_S = 10.0
 
 
@@ -54,18 +51,17 @@ class Recorder:
         return any(isinstance(e, PeerGone) and e.node_id == node_id for e in self.events)
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll `predicate` until it holds or fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def unique_id(tag: str) -> str:
     """A node id no concurrent test run on this host will also use."""
     return f"{tag}-{secrets.token_hex(4)}"
+
+
+def _ignored(caplog: pytest.LogCaptureFixture, node_id: str, why: str = "") -> bool:
+    """Whether the mDNS service logged that it ignored `node_id`'s service (for `why`, when given)."""
+    return any(
+        r.name == "peers.mdns" and (m := r.getMessage()).startswith("ignoring") and node_id in m and why in m
+        for r in caplog.records
+    )
 
 
 def advertisement(node_id: str, port: int, digest: str = "sha256:aaaa") -> Advertisement:
@@ -78,77 +74,6 @@ async def start_all(stack: AsyncExitStack, services: Sequence[MdnsService]) -> N
     for service in services:
         stack.push_async_callback(service.close)
     await asyncio.gather(*(service.start() for service in services))
-
-
-# --- DNS on the wire, built by hand so the query owes nothing to zeroconf -----------------------
-
-
-def dns_query(query_id: int, questions: Sequence[tuple[str, int]]) -> bytes:
-    """A standard DNS query (RFC 1035), class IN, no QU bit: what a legacy resolver sends."""
-    header = struct.pack("!HHHHHH", query_id, 0, len(questions), 0, 0, 0)
-    body = b"".join(_qname(name) + struct.pack("!HH", qtype, 1) for name, qtype in questions)
-    return header + body
-
-
-def _qname(name: str) -> bytes:
-    return b"".join(bytes([len(label)]) + label.encode("ascii") for label in name.rstrip(".").split(".")) + b"\0"
-
-
-def _txt_pairs(text: bytes) -> dict[str, str]:
-    pairs, i = {}, 0
-    while i < len(text):
-        length = text[i]
-        key, _, value = text[i + 1 : i + 1 + length].partition(b"=")
-        pairs[key.decode()] = value.decode()
-        i += 1 + length
-    return pairs
-
-
-def summarize_reply(data: bytes) -> dict[str, Any]:
-    """The parts of a DNS reply the tests look at, as plain JSON-able data."""
-    msg = DNSIncoming(data)
-    records = msg.answers()
-    return {
-        "id": msg.id,
-        "response": msg.is_response(),
-        "questions": [[q.name, q.type] for q in msg.questions],
-        "ptr": [r.alias for r in records if isinstance(r, DNSPointer)],
-        "srv": {r.name: r.port for r in records if isinstance(r, DNSService)},
-        "txt": {r.name: _txt_pairs(r.text) for r in records if isinstance(r, DNSText)},
-    }
-
-
-def legacy_query(
-    destination: str,
-    questions: Sequence[tuple[str, int]],
-    wanted: Callable[[dict[str, Any]], bool],
-    *,
-    source_host: str,
-    timeout_s: float = 5.0,
-) -> tuple[dict[str, Any], tuple[str, int], int]:
-    """Ask from an ephemeral UDP port; return (reply, replier address, our port) of the first wanted reply."""
-    query_id = secrets.randbelow(0xFFFF) + 1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((source_host, 0))
-        if ipaddress.ip_address(destination).is_multicast:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source_host))
-        own_port = sock.getsockname()[1]
-        assert own_port != MDNS_PORT
-        deadline = time.monotonic() + timeout_s
-        next_send = 0.0
-        while (now := time.monotonic()) < deadline:
-            if now >= next_send:
-                sock.sendto(dns_query(query_id, questions), (destination, MDNS_PORT))
-                next_send = now + 1.0
-            sock.settimeout(max(0.01, min(next_send, deadline) - now))
-            try:
-                data, source = sock.recvfrom(9000)
-            except TimeoutError:
-                continue
-            reply = summarize_reply(data)
-            if reply["id"] == query_id and reply["response"] and wanted(reply):
-                return reply, source, own_port
-    raise AssertionError(f"no wanted reply to {questions} sent to {destination}:{MDNS_PORT} within {timeout_s} s")
 
 
 def _info(node_id: str, port: int, txt: dict[str, str]) -> ServiceInfo:
@@ -227,7 +152,8 @@ async def test_events_can_go_to_a_queue() -> None:
         assert event == PeerFound(node_id=b, urls=("http://127.0.0.1:18112",), card_digest="sha256:aaaa", protocol_version=1)
 
 
-async def test_ignores_unsupported_versions_malformed_txt_and_impostors() -> None:
+async def test_ignores_unsupported_versions_malformed_txt_and_impostors(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="peers.mdns")
     me, good = unique_id("me"), unique_id("good")
     bad_version, no_card, impostor = unique_id("v2"), unique_id("nocard"), unique_id("imp")
     recorder = Recorder()
@@ -245,13 +171,15 @@ async def test_ignores_unsupported_versions_malformed_txt_and_impostors() -> Non
         for node_id, txt in txts.items():
             await other.async_register_service(_info(node_id, 18122, txt), cooperating_responders=True)
         await wait_until(lambda: bool(recorder.found(good)), "the well-formed service")
-        await asyncio.sleep(0.5)
+        # Not a pause: wait until the service has resolved and refused each bad one, then look at what it emitted.
+        await wait_until(lambda: all(_ignored(caplog, n) for n in (bad_version, no_card, impostor)), "the bad ones refused")
         assert {e.node_id for e in recorder.events if e.node_id in txts} == {good}
         assert recorder.found(good)[0].url_path == "/peer/v1"
         assert recorder.found(good)[0].card_digest == "sha256:good"
 
 
-async def test_tracked_services_are_capped() -> None:
+async def test_tracked_services_are_capped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="peers.mdns")
     me = unique_id("cap")
     others = [unique_id(f"o{i}") for i in range(4)]
     recorder = Recorder()
@@ -263,7 +191,9 @@ async def test_tracked_services_are_capped() -> None:
         for info in infos:
             await other.async_register_service(info, cooperating_responders=True)
         await wait_until(lambda: len({e.node_id for e in recorder.events}) >= 2, "two services")
-        await asyncio.sleep(1.0)
+        # Not a pause: wait until each of ours has been either tracked or turned away at the cap.
+        found = lambda: {e.node_id for e in recorder.events}  # noqa: E731
+        await wait_until(lambda: all(n in found() or _ignored(caplog, n, "already tracking") for n in others), "all four seen")
         # Counted over every node, ours or not: the cap holds whoever fills it.
         assert len({e.node_id for e in recorder.events}) == 2
 

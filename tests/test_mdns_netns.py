@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from peers.mdns import SERVICE_TYPE, Advertisement, MdnsEvent, MdnsService
-from tests.test_mdns import MDNS_PORT, TYPE_SRV, TYPE_TXT, legacy_query
+from tests.nodes import MDNS_PORT, TYPE_SRV, TYPE_TXT, legacy_query
 
 pytestmark = pytest.mark.netns
 

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.nodes import wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -88,15 +90,6 @@ def _node_id(data_dir: Path) -> str:
     return json.loads((data_dir / "node.json").read_text())["node_id"]
 
 
-def _wait(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_partition_is_noticed_and_healed(two_hosts, tmp_path: Path) -> None:
     ns_a, ns_b, veth_a = two_hosts
     a, url_a = _start(ns_a, ADDRESSES[0], tmp_path / "a")
@@ -104,11 +97,13 @@ def test_a_partition_is_noticed_and_healed(two_hosts, tmp_path: Path) -> None:
     try:
         b, url_b = _start(ns_b, ADDRESSES[1], tmp_path / "b", "--peer", url_a)
         id_a, id_b = _node_id(tmp_path / "a"), _node_id(tmp_path / "b")
-        _wait(lambda: _alive_peers(ns_a, url_a) == {id_b} and _alive_peers(ns_b, url_b) == {id_a}, "the hosts to meet")
+        met = lambda: _alive_peers(ns_a, url_a) == {id_b} and _alive_peers(ns_b, url_b) == {id_a}  # noqa: E731
+        wait_for(met, "the hosts to meet", timeout_s=WAIT_S, interval_s=0.5)
         _ip("-n", ns_a, "link", "set", veth_a, "down")  # the partition
-        _wait(lambda: _alive_peers(ns_a, url_a) == set() and _alive_peers(ns_b, url_b) == set(), "both sides to notice")
+        apart = lambda: _alive_peers(ns_a, url_a) == set() and _alive_peers(ns_b, url_b) == set()  # noqa: E731
+        wait_for(apart, "both sides to notice", timeout_s=WAIT_S, interval_s=0.5)
         _ip("-n", ns_a, "link", "set", veth_a, "up")  # the healing
-        _wait(lambda: _alive_peers(ns_a, url_a) == {id_b} and _alive_peers(ns_b, url_b) == {id_a}, "the hosts to meet again")
+        wait_for(met, "the hosts to meet again", timeout_s=WAIT_S, interval_s=0.5)
     finally:
         for process in (a, b):
             if process is not None and process.poll() is None:

@@ -28,7 +28,7 @@ from peers.wire import (
     encode,
     sign_card,
 )
-from tests.hostile_net import fake_expert, hello_body, signed_post, start_live_node, wait_until
+from tests.nodes import fake_expert, hello_body, signed_post, start_live_node, wait_until
 
 SHA = "6" * 64
 

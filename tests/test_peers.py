@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -16,10 +16,8 @@ import msgpack
 import openai
 import pytest
 
-from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import (
-    CONTENT_TYPE,
     ChatMessage,
     GenerateRequest,
     Hello,
@@ -27,41 +25,10 @@ from peers.wire import (
     encode,
     sign_card,
 )
-from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
+from tests.nodes import FAST, GEMMA3_ID, SMOLLM2_ID, RunningNode, get_json, model_ids, signed, start_node, wait_for
 
 pytestmark = pytest.mark.model
 
-FAST = ("--hello-interval-s", "1", "--peer-dead-after-s", "4")
-MEET_TIMEOUT_S = 30.0
-
-
-def signed(identity: NodeIdentity, path: str, body: bytes, secret: bytes | None = None) -> dict[str, str]:
-    """Headers of a peer request signed by `identity`."""
-    return {"Content-Type": CONTENT_TYPE, **auth.sign_request(identity, "POST", path, body, secret=secret)}
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = MEET_TIMEOUT_S, what: str = "condition") -> None:
-    """Poll until `condition` holds, or fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def get_json(url: str) -> dict:
-    """A blocking GET for polling from sync tests."""
-    async def fetch() -> dict:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(url) as response:
-                return await response.json()
-
-    return asyncio.run(fetch())
-
-
-def model_ids(node: RunningNode) -> set[str]:
-    return {m["id"] for m in get_json(node.url + "/v1/models")["data"]}
 
 
 def alive_peer_ids(node: RunningNode) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from peers.client import PEER_PATH, PeerClient, PeerRejected, PeerUnreachable
 from peers.identity import NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX, EnvelopeSealer, parse_relayed_url
 from peers.wire import ChatMessage, GenerateFrame, GenerateRequest, encode
+from tests.nodes import wait_until
 
 TOKENS = ["Paris", " is", " the", " capital", " of", " France"]
 
@@ -232,7 +234,8 @@ async def test_a_relay_cannot_pose_as_the_home_node(mesh) -> None:
         await runner.cleanup()
 
 
-async def test_a_relay_refuses_a_node_it_never_admitted(tmp_path: Path) -> None:
+async def test_a_relay_refuses_a_node_it_never_admitted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node.mesh.relay")
     (tmp_path / "relay").mkdir()
     admissions = Admissions(tmp_path / "relay")
     relay = RelayServer(Settings(data_dir=tmp_path / "relay", relay=True), NodeIdentity.generate(), admissions)
@@ -242,22 +245,17 @@ async def test_a_relay_refuses_a_node_it_never_admitted(tmp_path: Path) -> None:
     async with aiohttp.ClientSession() as session:
         links = RelayLinks(Settings(data_dir=tmp_path / "home", relays=(relay_url,)), home, session, network)
         await links.start("http://127.0.0.1:9")
-        await asyncio.sleep(0.5)
+        # Not a pause: wait until the relay has heard the home node out and refused it.
+        refused = f"relay: refused a tunnel from {home.node_id}"
+        await wait_until(lambda: any(refused in r.getMessage() for r in caplog.records), "the relay to refuse the tunnel")
         assert network.urls == () and relay.tunnels == {}
         admissions.nodes[home.node_id] = dataclasses.replace(
             __import__("node.mesh.admission", fromlist=["Admitted"]).Admitted(admitted_ms=1)
         )
-        for _ in range(300):
-            if network.urls:
-                break
-            await asyncio.sleep(0.02)
-        assert network.urls and home.node_id in relay.tunnels
+        await wait_until(lambda: network.urls, "the home node to publish its relayed address", timeout_s=6.0)
+        assert home.node_id in relay.tunnels
         relay.close_tunnel(home.node_id)  # revoked: the tunnel goes, and the address with it
         admissions.revoke(home.node_id, 2)
-        for _ in range(300):
-            if not network.urls:
-                break
-            await asyncio.sleep(0.02)
-        assert network.urls == ()
+        await wait_until(lambda: network.urls == (), "the relayed address to go", timeout_s=6.0)
         await links.close()
     await runner.cleanup()

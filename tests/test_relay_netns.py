@@ -22,12 +22,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.nodes import GEMMA3_ID, SAFE_KERNELS_ENV, safe_cpu_kernels
+from tests.nodes import GEMMA3_ID, SAFE_KERNELS_ENV, safe_cpu_kernels, wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -184,16 +184,6 @@ def _invite(ns: str, relay: Node) -> str:
     return result.stdout.strip()
 
 
-def _wait(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_path: Path) -> None:
     ns = internet
     nodes: list[Node] = []
@@ -212,12 +202,12 @@ def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_pat
         assert _get(ns["net"], a.url + "/healthz") is None
         assert _get(ns["ha"], p1.url + "/healthz") is not None
 
-        seen = _wait(lambda: (p := _peer(ns["hb"], b, a.node_id)) and p["alive"] and p["reach"]["kind"] == "relayed" and p,
-                     "B to reach A through a relay")
+        seen = wait_for(lambda: (p := _peer(ns["hb"], b, a.node_id)) and p["alive"] and p["reach"]["kind"] == "relayed" and p,
+                     "B to reach A through a relay", timeout_s=WAIT_S)
         via = seen["reach"]["via"]
         assert via in (p1.node_id, p2.node_id), seen
         # A generates only for peers its own hello verified (README: Trust): it reaches B through B's relay too.
-        _wait(lambda: (p := _peer(ns["ha"], a, b.node_id)) and p["alive"] and p, "A to verify B through a relay")
+        wait_for(lambda: (p := _peer(ns["ha"], a, b.node_id)) and p["alive"] and p, "A to verify B through a relay", timeout_s=WAIT_S)
 
         text, provenance, chunks = _ask(ns["hb"], b, GEMMA3_ID)
         assert provenance["node"] == a.node_id and provenance["expert"] == GEMMA3_ID and text.strip()
@@ -229,7 +219,7 @@ def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_pat
         used, other = (p1, p2) if via == p1.node_id else (p2, p1)
         used.process.kill()
         killed_at = time.monotonic()
-        moved = _wait(
+        moved = wait_for(
             lambda: (p := _peer(ns["hb"], b, a.node_id)) and p["alive"] and p["reach"]["via"] == other.node_id and p,
             "the second relay to take over", timeout_s=DEAD_AFTER_S + 10,
         )
@@ -244,7 +234,7 @@ def test_home_nodes_behind_nat_reach_each_other_through_relays(internet, tmp_pat
         # With no relay left, A cannot be reached at all.
         other.process.kill()
         killed_at = time.monotonic()
-        _wait(lambda: (p := _peer(ns["hb"], b, a.node_id)) is not None and not p["alive"], "A to become unreachable",
+        wait_for(lambda: (p := _peer(ns["hb"], b, a.node_id)) is not None and not p["alive"], "A to become unreachable",
               timeout_s=DEAD_AFTER_S + 15)
         log.info("both relays killed: A unreachable from B after %.1f s", time.monotonic() - killed_at)
     finally:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.nodes import GEMMA3_ID, RunningNode, start_node
+from tests.nodes import GEMMA3_ID, RunningNode, start_node, wait_for
 
 pytestmark = pytest.mark.model
+
+WAIT_S = 60.0
 
 DEAD_AFTER_S = 4.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +38,6 @@ def _peer(node: RunningNode, peer_id: str) -> dict | None:
     return next((p for p in data if p["id"] == peer_id), None)
 
 
-def _wait(condition, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Path) -> None:
     nodes: list[RunningNode] = []
     try:
@@ -58,7 +49,7 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--join", _invite(relay),
                        "--advertise-url", "http://127.0.0.1:9", *FAST)
         nodes.append(b)
-        seen = _wait(lambda: (p := _peer(b, a.node_id)) and p["alive"] and p, "B to reach A")
+        seen = wait_for(lambda: (p := _peer(b, a.node_id)) and p["alive"] and p, "B to reach A", timeout_s=WAIT_S)
         assert seen["reach"] == {"kind": "relayed", "via": relay.node_id, "via_url": relay.url}, seen
         assert seen["url"] == f"{relay.url}/peer/v1/relay/{a.node_id}"
 
@@ -89,9 +80,9 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         assert bad.status_code == 400 and "malformed" in bad.json()["error"]["message"]
         joined = httpx.post(c.url + "/v1/join", json={"invite": _invite(relay)}, timeout=30).json()
         assert joined == {"joined": relay.node_id, "relayed": True}
-        _wait(lambda: c.node_id in httpx.get(relay.url + "/v1/admissions", timeout=10).json()["tunnels"], "C's tunnel")
-        direct = _wait(lambda: (p := _peer(b, c.node_id)) and p["alive"] and p["reach"]["kind"] == "direct" and p,
-                       "B to reach C directly")
+        wait_for(lambda: c.node_id in httpx.get(relay.url + "/v1/admissions", timeout=10).json()["tunnels"], "C's tunnel", timeout_s=WAIT_S)
+        direct = wait_for(lambda: (p := _peer(b, c.node_id)) and p["alive"] and p["reach"]["kind"] == "direct" and p,
+                       "B to reach C directly", timeout_s=WAIT_S)
         assert direct["url"] == c.url
 
         cli = subprocess.run([sys.executable, "-m", "node", "peers", "--node", b.url], capture_output=True, text=True, timeout=30)
@@ -101,7 +92,7 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         revoke = subprocess.run([sys.executable, "-m", "node", "revoke", a.node_id, "--node", relay.url],
                                 capture_output=True, text=True, timeout=30)
         assert revoke.returncode == 0, revoke.stderr
-        _wait(lambda: (p := _peer(b, a.node_id)) is not None and not p["alive"], "A to become unreachable",
+        wait_for(lambda: (p := _peer(b, a.node_id)) is not None and not p["alive"], "A to become unreachable",
               timeout_s=DEAD_AFTER_S + 15)
         admissions = httpx.get(relay.url + "/v1/admissions", timeout=10).json()
         assert a.node_id not in admissions["tunnels"] and b.node_id in admissions["tunnels"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.hostile_net import fake_expert, start_live_node, wait_until
+from tests.nodes import fake_expert, start_live_node, wait_until
 
 
 async def test_peer_exchange_leaves_out_a_revoked_node(tmp_path: Path) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
 
-import aiohttp
 import openai
 import pytest
 
 from node.errors import InvalidRequest
 from node.routing.router import parse_constraints
-from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
-from tests.test_peers import FAST, get_json, model_ids, wait_for
+from tests.nodes import FAST, GEMMA3_ID, SMOLLM2_ID, RunningNode, get_json, model_ids, post_json, start_node, wait_for
 
 
 def test_constraints_are_parsed_strictly() -> None:
@@ -43,19 +40,8 @@ def _ask(client: openai.OpenAI, text: str, **expertmesh) -> dict:
     return response.model_extra["expertmesh"]
 
 
-async def _post(url: str, body: dict) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body) as response:
-            return response.status, await response.json()
-
-
 def _client(node: RunningNode) -> openai.OpenAI:
     return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=120, max_retries=0)
-
-
-def post_json(url: str, body: dict) -> tuple[int, dict]:
-    """A blocking POST for sync tests."""
-    return asyncio.run(_post(url, body))
 
 
 @pytest.mark.model

@@ -12,7 +12,7 @@ import aiohttp
 from node.judging.cards import MAX_CARDS_PER_MODEL, CardStore, decode_signed_card
 from node.routing.router import RouteConstraints
 from peers.identity import NodeIdentity
-from tests.hostile_net import (
+from tests.nodes import (
     capability_card,
     expert_info,
     fake_expert,

@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.nodes import SMOLLM2_ID, start_node
-from tests.test_peers import FAST, get_json, wait_for
+from tests.nodes import FAST, SMOLLM2_ID, get_json, start_node, wait_for
 
 SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -81,7 +80,7 @@ def test_a_peer_with_another_model_is_verified_by_this_nodes_own_probes(tmp_path
     from node.judging.runner import scorable_suites
     from node.judging.suites import combined_version, load_suites
     from peers.identity import NodeIdentity
-    from tests.hostile_net import capability_card
+    from tests.nodes import capability_card
 
     env: dict[str, str] = {}
     # B claims a perfect score on every dimension (its own card, as a lying owner would publish it).
