@@ -294,7 +294,8 @@ class Policy:
         by_ns: dict[str, list[tuple[str, float]]] = {}
         for ns, name, value in features:
             by_ns.setdefault(ns, []).append((name, value))
-        for left, right in self._interactions:
+        for pair in self._interactions:
+            left, right = tuple(pair)  # "-q ab" pairs namespaces a and b
             for name1, v1 in by_ns.get(left, []):
                 h1 = self._index(left, name1)
                 for name2, v2 in by_ns.get(right, []):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from bandit.features import (
     ExpertFeatures,
@@ -277,9 +278,9 @@ def drift_recovery_events(
 
 
 def ips(
-    rewards: Sequence[float],
-    logged_probs: Sequence[float],
-    target_probs: Sequence[float],
+    rewards: ArrayLike,
+    logged_probs: ArrayLike,
+    target_probs: ArrayLike,
 ) -> float:
     """Inverse propensity estimate of a target policy's mean reward from logged events.
 
@@ -291,9 +292,9 @@ def ips(
 
 
 def snips(
-    rewards: Sequence[float],
-    logged_probs: Sequence[float],
-    target_probs: Sequence[float],
+    rewards: ArrayLike,
+    logged_probs: ArrayLike,
+    target_probs: ArrayLike,
 ) -> float:
     """Self-normalized IPS: like `ips` but divided by the sum of the importance weights."""
     r, w = _weights(rewards, logged_probs, target_probs)
@@ -302,7 +303,7 @@ def snips(
 
 
 def _weights(
-    rewards: Sequence[float], logged_probs: Sequence[float], target_probs: Sequence[float]
+    rewards: ArrayLike, logged_probs: ArrayLike, target_probs: ArrayLike
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rewards and importance weights, validated."""
     r = np.asarray(rewards, dtype=float)

@@ -159,7 +159,7 @@ def receive(
         summary = _swap(summary, current, entry)
         entries[news.node_id] = entry
         hot[news.node_id] = (0, 0)
-    if entries is None:
+    if entries is None or hot is None:  # both are copied together, at the first news
         return directory, known
     return dataclasses.replace(directory, entries=entries, hot=hot, summary=summary), known
 

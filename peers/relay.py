@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import msgpack
@@ -29,6 +29,8 @@ from peers.identity import (
     verify_signature,
 )
 from peers.wire import FrameReader, Limit, WireError, WireMessage, _wire, decode, encode
+
+M = TypeVar("M", bound=WireMessage)
 
 RELAY_PREFIX = "/peer/v1/relay"
 CONNECT_PATH = "/peer/v1/relay-connect"
@@ -273,7 +275,7 @@ TUNNEL_TO_HOME = (TunnelChallenge, TunnelReady, TunnelRequest, TunnelCancel)
 TUNNEL_TO_RELAY = (TunnelAuth, TunnelData)
 
 
-def decode_tunnel(data: bytes, allowed: tuple[type[WireMessage], ...]) -> WireMessage:
+def decode_tunnel(data: bytes, allowed: tuple[type[M], ...]) -> M:
     """Decode one tunnel message of one of the `allowed` types; WireError on anything else."""
     if len(data) > MAX_TUNNEL_MESSAGE_BYTES:
         raise WireError(413, "tunnel message over the cap")

@@ -246,11 +246,11 @@ async def main() -> None:
     table: dict[tuple[str, int], tuple[float, float, float, float]] = {}
     for n in streams:
         for name in ("direct", "old node", "node"):
-            samples = runs[(name, n)]
-            tokens = sum(r.tokens for r in samples)
-            tps = tokens / sum(r.wall_s for r in samples)
-            tpc = tokens / sum(r.cpu_s for r in samples)
-            ttfts = [t for r in samples for t in r.ttfts_s]
+            measured = runs[(name, n)]
+            tokens = sum(r.tokens for r in measured)
+            tps = tokens / sum(r.wall_s for r in measured)
+            tpc = tokens / sum(r.cpu_s for r in measured)
+            ttfts = [t for r in measured for t in r.ttfts_s]
             table[(name, n)] = (tps, tpc, _p(ttfts, 0.5), _p(ttfts, 0.99))
             out.write(f"{name:<9} {n:>2} {tps:>9.1f} {tpc:>10.1f} {_p(ttfts, 0.5):>11.2f} {_p(ttfts, 0.99):>11.2f}\n")
     top = max(streams)

@@ -105,8 +105,8 @@ def relaxed_score(item: ProbeItem, text: str, prompts: list[str]) -> float:
         mentioned = {label_key(label) for label in item.labels if f" {label_key(label)} " in keyed}
         return 1.0 if len(mentioned) == 1 and mentioned <= {label_key(r) for r in item.references()} else 0.0
     if item.scorer in ("contains", "exact", "normalized"):
-        for reference in item.references():
-            words = fold(reference).split()
+        for text_reference in item.references():
+            words = fold(text_reference).split()
             if words and re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)", folded):
                 return 1.0
         return 0.0
@@ -391,11 +391,11 @@ def report(outcomes: list[Outcome], leaders: dict[str, str], seed: int) -> None:
     for i, o in enumerate(outcomes, 1):
         a_exp = ",".join(short(e) + ("*" if x else "") for e, x in zip(o.experts["decomposed"], o.explored["decomposed"], strict=True))
         b_exp = short(o.experts["whole"][0]) + ("*" if o.explored["whole"][0] else "")
-        rel = lambda k, o=o: "".join(str(int(s)) for s in o.relaxed[k])  # noqa: E731
+        bits = lambda k, o=o: "".join(str(int(s)) for s in o.relaxed[k])  # noqa: E731
         w(
             f"{i:2d} {o.query.pair[0][:5]}+{o.query.pair[1][:5]}  "
-            f"a:{rel('decomposed')} [{a_exp}] {o.latency_s['decomposed']:5.1f}s   "
-            f"b:{rel('whole')} [{b_exp}, task {o.whole_task}] {o.latency_s['whole']:5.1f}s"
+            f"a:{bits('decomposed')} [{a_exp}] {o.latency_s['decomposed']:5.1f}s   "
+            f"b:{bits('whole')} [{b_exp}, task {o.whole_task}] {o.latency_s['whole']:5.1f}s"
             f"{'  ' + o.note if o.note else ''}\n"
             f"     {o.query.text}\n"
         )
@@ -492,9 +492,9 @@ def report(outcomes: list[Outcome], leaders: dict[str, str], seed: int) -> None:
         lines.append("both score under 0.5: the experts are weak on these items, so a routing difference is hard to see")
     gains = [(o, j) for o in outcomes for j in range(2) if o.relaxed["decomposed"][j] > o.relaxed["whole"][j]]
     if gains:
-        same_expert = sum(o.experts["decomposed"][j] == o.experts["whole"][j] for o, j in gains)
+        n_same = sum(o.experts["decomposed"][j] == o.experts["whole"][j] for o, j in gains)
         lines.append(
-            f"of the {len(gains)} parts right only when decomposed, {same_expert} were answered by the same expert that "
+            f"of the {len(gains)} parts right only when decomposed, {n_same} were answered by the same expert that "
             f"answered the whole query: that share of the gain comes from answering each part on its own, not from another expert"
         )
     for d in sorted({d for o in outcomes for d in o.query.pair}):

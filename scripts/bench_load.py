@@ -142,6 +142,7 @@ async def _client(
             continue
         result.statuses[str(status)] += 1
         if status == 429:
+            assert retry_after is not None  # counted as a failure above
             await asyncio.sleep(min(float(retry_after), 2.0))
             continue
         if status != 200:

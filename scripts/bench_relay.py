@@ -25,7 +25,7 @@ from node.config import Settings
 from node.mesh.admission import Admissions
 from node.mesh.relay import RelayLinks, RelayServer
 from peers.client import PEER_PATH, PeerClient
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX
 from peers.wire import ChatMessage, GenerateFrame, GenerateRequest, encode
 
@@ -62,7 +62,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 async def _stream(client: PeerClient, url: str) -> tuple[float, float, int]:
     request = GenerateRequest(
         request_id="b", expert_id="e", messages=(ChatMessage("user", "go"),), max_tokens=None, temperature=None,
-        top_p=None, stop=(), seed=None, origin_node="bench", hops=1,
+        top_p=None, stop=(), seed=None, origin_node=NodeId("bench"), hops=1,
     )
     started = time.perf_counter()
     first = None

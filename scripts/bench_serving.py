@@ -67,6 +67,7 @@ def direct_sample(llama, prompt: str, max_tokens: int) -> Sample:
             last = time.perf_counter()
             first = first or last
             pieces += 1
+    assert first is not None and last is not None, "no content was streamed"
     return Sample(first - started, pieces - 1, last - first)
 
 
@@ -95,6 +96,7 @@ async def http_sample(session: aiohttp.ClientSession, url: str, model: str, prom
                 first = first or last
                 pieces += 1
     # Streamed content chunks are counted the same way on every path (one per token but for held-back text).
+    assert first is not None and last is not None, "no content was streamed"
     return Sample(first - started, pieces - 1, last - first)
 
 

@@ -336,7 +336,7 @@ def replay(
             thumb = 1.0 if correct[ids[index]][item.id] else 0.0  # the checker's thumbs up or down
             policy.learn(queries[item.id], experts, index, probabilities[index], thumb)
             rated += 1
-        greedy = {}
+        greedy: dict[str, str] = {}
         for item in test:
             probabilities = policy.probabilities(queries[item.id], experts)
             greedy[item.id] = ids[max(range(len(ids)), key=lambda k: probabilities[k])]

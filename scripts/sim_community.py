@@ -84,7 +84,7 @@ def route(
         expected[event.index] = truth[index]
         oracle[event.index] = truth.max()
     policy.close()
-    final = combine(reports, own, lambda _r: 1.0).weights if reports else {}
+    final = dict(combine(reports, own, lambda _r: 1.0).weights) if reports else {}
     return expected, oracle, own, weighed, final
 
 
@@ -139,7 +139,7 @@ def simulate(
             expected_sum[name] += expected.sum()
             weighed[name] += used
             if name == "with, 30% lying":
-                start = combine(reports, {}, lambda _r: 1.0).weights
+                start = combine(lying, {}, lambda _r: 1.0).weights
                 for who, w in final.items():
                     kind = "liar" if who.startswith("liar") else "honest"
                     weights.setdefault(kind, []).append((start[who], w))

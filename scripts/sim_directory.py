@@ -105,7 +105,7 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
     """Run one network of `n_nodes` and return its per-node traffic and spread times."""
     rng = random.Random(seed)
     identities = [NodeIdentity.generate() for _ in range(n_nodes)]
-    cards = {i.node_id: Entry(i.node_id, 1, _card(i, 1)) for i in identities}
+    cards: dict[str, Entry] = {i.node_id: Entry(i.node_id, 1, _card(i, 1)) for i in identities}
     nodes: dict[str, SimNode] = {}
     for identity in identities:
         directory = make_directory(identity.node_id, cards)  # a converged directory: everyone knows everyone

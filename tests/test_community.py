@@ -104,7 +104,7 @@ def test_caps_size_cells_values_dates_and_duplicates_are_checked() -> None:
     with pytest.raises(ValueError, match="cap"):
         sign_summary(_summary(identity, cells=longest), identity)
     community = _community(identity)
-    own = {}
+    own: dict = {}
     for cell in longest:
         for _ in range(cell.n):
             own = add_rating(own, cell.expert_id, cell.task, 1.0)
@@ -149,7 +149,7 @@ EXPERTS = (
 )
 
 
-def _rated_ledger(path: Path, n: int) -> tuple[Ledger, list[str], list[str]]:
+def _rated_ledger(path: Path, n: int) -> tuple[Ledger, list[DecisionId], list[str]]:
     """A ledger of `n` rated decisions about queries full of secret words; returns it, the decision ids, the tokens."""
     ledger = Ledger(path)
     ids, tokens = [], []

@@ -21,6 +21,7 @@ from tests.nodes import start_node
 _SPEC = importlib.util.spec_from_file_location(
     "demo_community", Path(__file__).resolve().parents[1] / "scripts" / "demo_community.py"
 )
+assert _SPEC is not None and _SPEC.loader is not None
 demo = importlib.util.module_from_spec(_SPEC)
 sys.modules["demo_community"] = demo  # dataclasses look their module up while the script loads
 _SPEC.loader.exec_module(demo)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +14,11 @@ from node.mesh.directory import DirectoryService, Gossip, _gossip_route, directo
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.wire import NodeCard, encode, sign_card
+
+
+def _urls_of(urls: dict[str, str], ids: Sequence[str]) -> dict[str, str]:
+    """The URLs of some nodes."""
+    return {x: urls[x] for x in ids}
 
 
 def _card_maker(identity: NodeIdentity, url_box: list[str]):
@@ -34,7 +41,7 @@ async def test_cards_travel_along_a_chain_and_forgeries_do_not() -> None:
             box: list[str] = []
             neighbours = [chain[j] for j in (index - 1, index + 1) if 0 <= j < len(chain)]
             service = DirectoryService(identity.node_id, _card_maker(identity, box),
-                                       lambda n=neighbours: {x: urls[x] for x in n}, session)
+                                       partial(_urls_of, urls, neighbours), session)
             app = web.Application(middlewares=[error_middleware])
             app[directory_key] = service
             app.router.add_post(f"{PEER_PATH}/gossip", _gossip_route)

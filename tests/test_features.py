@@ -153,4 +153,4 @@ def test_expert_scores_are_a_frozen_copy() -> None:
     scores["knowledge"] = 0.9
     assert e.scores["knowledge"] == 0.5
     with pytest.raises(TypeError):
-        e.scores["knowledge"] = 0.1  # type: ignore[index]
+        e.scores["knowledge"] = 0.1

@@ -334,7 +334,7 @@ def test_advertisement_rejects_bad_fields(fields: dict[str, Any]) -> None:
 
 def test_service_rejects_a_single_string_as_interfaces() -> None:
     with pytest.raises(ValueError):
-        MdnsService(advertisement("x", 1), Recorder(), interfaces="127.0.0.1")  # type: ignore[arg-type]
+        MdnsService(advertisement("x", 1), Recorder(), interfaces="127.0.0.1")
 
 
 async def test_update_before_start_only_changes_the_advertisement_and_closed_is_final() -> None:

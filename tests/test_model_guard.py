@@ -1,4 +1,4 @@
-"""conftest's model guard: a test not marked `model` that loads a model fails, whichever way the model starts."""
+"""The model guard (tests/model_guard.py): a test not marked `model` that loads a model fails, whichever way the model starts."""
 
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ def test_unmarked_without_a_model():
 
 def test_the_guard_fails_unmarked_model_tests_only(tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    model: starts a model\n")
-    (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F403\n")
+    (tmp_path / "conftest.py").write_text("from tests.model_guard import *  # noqa: F403\n")
     (tmp_path / "test_inner.py").write_text(INNER)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", "test_inner.py"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, timeout=120,
     )
     out = result.stdout
     assert "PASSED test_inner.py::test_marked_may_start_one" in out, out

@@ -16,7 +16,7 @@ from node.state_files import StateFileError
 from peers import auth
 from peers.addresses import dialable_origin
 from peers.client import PeerClient, PeerTimedOut
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.table import AddressLearned
 from peers.wire import (
     CONTENT_TYPE,
@@ -28,7 +28,7 @@ from peers.wire import (
     encode,
     sign_card,
 )
-from tests.nodes import fake_expert, hello_body, signed_post, start_live_node, wait_until
+from tests.nodes import LiveNode, fake_expert, hello_body, signed_post, start_live_node, wait_until
 
 SHA = "6" * 64
 
@@ -36,7 +36,7 @@ SHA = "6" * 64
 def _generate_request(expert_id: str = "nobody@000000000000") -> bytes:
     return encode(GenerateRequest(
         request_id="r1", expert_id=expert_id, messages=(ChatMessage(role="user", content="Hi"),), max_tokens=4,
-        temperature=0.0, top_p=None, stop=(), seed=0, origin_node="x", hops=1,
+        temperature=0.0, top_p=None, stop=(), seed=0, origin_node=NodeId("x"), hops=1,
     ))
 
 
@@ -205,7 +205,13 @@ async def test_requests_cannot_be_replayed_and_unauthenticated_replies_make_no_p
             unsigned_member, _, _ = await signed_post(session, member.url, "/peer/v1/hello", body, stranger)
             wrong_member, _, _ = await signed_post(session, member.url, "/peer/v1/hello", body, stranger, secret=b"wrong")
             right_member, _, _ = await signed_post(session, member.url, "/peer/v1/hello", hello_body(stranger), stranger, secret=secret)
-        await asyncio.sleep(5)  # several hello rounds to the impostors and from the outsider
+        # Not a pause: wait until the node has dialled each impostor twice and the outsider has been refused twice.
+        def failures(table_of: LiveNode, url: str) -> int:
+            pending = table_of.network.table.unverified.get(url)
+            return pending.failures if pending is not None else 0
+
+        await wait_until(lambda: all(failures(node, i.url) >= 2 for i in impostors), "two hellos to each impostor")
+        await wait_until(lambda: failures(outsider, member.url) >= 2, "the member to refuse the outsider twice")
         alive = {p.node_id for p in node.network.alive_peers()}
         print(f"\nitem 9: hello, its replay, a 2-minute-old copy, a signature for another path: {statuses}; "
               f"impostors alive: {sorted(alive & {i.identity.node_id for i in impostors})}; "
@@ -344,7 +350,7 @@ async def test_a_trickling_peer_is_given_up_at_the_stream_deadline(tmp_path: Pat
             with pytest.raises(PeerTimedOut) as raised:
                 async for _ in client.generate(url, GenerateRequest(
                     request_id="r", expert_id="e", messages=(ChatMessage(role="user", content="Hi"),), max_tokens=4,
-                    temperature=0.0, top_p=None, stop=(), seed=0, origin_node="x", hops=1,
+                    temperature=0.0, top_p=None, stop=(), seed=0, origin_node=NodeId("x"), hops=1,
                 ), expected_key=identity.public_key_raw):
                     frames += 1
             elapsed = time.monotonic() - started

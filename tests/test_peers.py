@@ -9,14 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 import msgpack
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.wire import (
     ChatMessage,
     GenerateRequest,
@@ -33,6 +35,11 @@ pytestmark = pytest.mark.model
 
 def alive_peer_ids(node: RunningNode) -> set[str]:
     return {p["id"] for p in get_json(node.url + "/v1/peers")["data"] if p["alive"]}
+
+
+def _met_all(node: RunningNode, ids: set[str]) -> bool:
+    """Whether `node` holds every other node of `ids` alive."""
+    return alive_peer_ids(node) == ids - {node.node_id}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_requests_are_forwarded_to_the_hosting_node(trio) -> None:
     a, b, c = trio
     wait_for(lambda: GEMMA3_ID in model_ids(c), what="C to list gemma3")
     client = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", timeout=120, max_retries=0)
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    question: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
     plain = client.chat.completions.create(model=GEMMA3_ID, messages=question, max_tokens=12, temperature=0)
     assert "Paris" in plain.choices[0].message.content
     assert plain.model_extra["expertmesh"] == {"expert": GEMMA3_ID, "node": a.node_id}
@@ -101,7 +108,7 @@ async def test_the_peer_api_never_forwards_again(trio) -> None:
         top_p=None,
         stop=(),
         seed=None,
-        origin_node="someone",
+        origin_node=NodeId("someone"),
         hops=1,
     )
     someone = NodeIdentity.generate()
@@ -227,7 +234,8 @@ def test_community_secret_keeps_outsiders_out(tmp_path: Path) -> None:
                     headers = signed(identity, "/peer/v1/hello", body, secret)
                     async with session.post(a.url + "/peer/v1/hello", data=body, headers=headers) as response:
                         statuses.append(response.status)
-                return tuple(statuses)
+                first, second, third = statuses
+                return first, second, third
 
         assert asyncio.run(raw_hellos()) == (403, 403, 200)
     finally:
@@ -242,7 +250,7 @@ def test_three_nodes_find_each_other_by_mdns_alone(tmp_path: Path) -> None:
             nodes.append(start_node(tmp_path / name, "--model", model, *FAST, mdns=True))
         ids = {n.node_id for n in nodes}
         for node in nodes:
-            wait_for(lambda node=node: alive_peer_ids(node) == ids - {node.node_id}, what=f"{node.node_id} to meet both")
+            wait_for(partial(_met_all, node, ids), what=f"{node.node_id} to meet both")
             peers = get_json(node.url + "/v1/peers")["data"]
             # No --peer anywhere: each address was found by mDNS, or heard in a hello that an mDNS find caused.
             assert {p["source"] for p in peers} <= {"mdns", "exchange"}

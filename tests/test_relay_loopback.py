@@ -23,7 +23,7 @@ from node.http.api import error_middleware
 from node.mesh.admission import Admissions
 from node.mesh.relay import RelayLinks, RelayServer
 from peers.client import PEER_PATH, PeerClient, PeerRejected, PeerUnreachable
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.relay import CONNECT_PATH, RELAY_PREFIX, EnvelopeSealer, parse_relayed_url
 from peers.wire import ChatMessage, GenerateFrame, GenerateRequest, encode
 from tests.nodes import wait_until
@@ -61,7 +61,7 @@ def _relay_app(server: RelayServer) -> web.Application:
 def _request() -> GenerateRequest:
     return GenerateRequest(
         request_id="r1", expert_id="e", messages=(ChatMessage("user", "capital of France?"),),
-        max_tokens=8, temperature=0.0, top_p=None, stop=(), seed=1, origin_node="requester", hops=1,
+        max_tokens=8, temperature=0.0, top_p=None, stop=(), seed=1, origin_node=NodeId("requester"), hops=1,
     )
 
 

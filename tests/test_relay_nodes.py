@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,7 +54,8 @@ def test_a_home_node_is_reached_through_the_relay_and_revoked_there(tmp_path: Pa
         assert seen["reach"] == {"kind": "relayed", "via": relay.node_id, "via_url": relay.url}, seen
         assert seen["url"] == f"{relay.url}/peer/v1/relay/{a.node_id}"
 
-        chunks, provenance = [], {}
+        chunks: list[str] = []
+        provenance: dict[str, Any] = {}
         body = {"model": GEMMA3_ID, "messages": [{"role": "user", "content": "The capital of France is"}],
                 "max_tokens": 8, "temperature": 0, "stream": True}
         with httpx.stream("POST", b.url + "/v1/chat/completions", json=body, timeout=120) as response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -41,7 +42,7 @@ from node.judging.suites import MAX_PATTERN_CHARS, SCORERS, ProbeItem, SuiteErro
 LONG = "lorem ipsum dolor sit amet " * 40_000
 
 
-def make_item(scorer: str, reference: object = None, **extra: object) -> ProbeItem:
+def make_item(scorer: str, reference: Any = None, **extra: Any) -> ProbeItem:
     if isinstance(reference, list):
         reference = tuple(reference)
     return ProbeItem(

@@ -25,7 +25,7 @@ MODELS = [("a" * 64, Path("/models/a.gguf"))]
 class ScriptedProber:
     """Answers probes as a CPU would that traps on (or runs) the default kernels; counts the calls."""
 
-    def __init__(self, default: int, safe: int = 0) -> None:
+    def __init__(self, default: int | None, safe: int | None = 0) -> None:
         self.outcomes = {False: default, True: safe}
         self.calls: list[bool] = []
 

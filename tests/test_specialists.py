@@ -26,8 +26,8 @@ from node.serving.specialists import (
 from node.serving.structured import GrammarError, compiled_grammar, forwarded_grammar, response_format_grammar
 from peers.wire import ExpertDefinition, decode, encode
 
-SMOLLM2_SHA = CATALOG["smollm2-135m"].sha256
-GEMMA3_SHA = CATALOG["gemma3-270m"].sha256
+SMOLLM2_SHA = str(CATALOG["smollm2-135m"].sha256)  # catalog entries on PyPI pin their digest
+GEMMA3_SHA = str(CATALOG["gemma3-270m"].sha256)
 
 GOOD = """
 name = "capitals"
@@ -126,7 +126,10 @@ def test_the_id_is_stable_across_spelling_and_changes_with_the_definition() -> N
 
 def test_shipped_ids_are_pinned() -> None:
     """The id is a function of the definition's content only: every node, every version of this code, agrees."""
-    ids = {name: specialist_id(parse_toml(text, name), CATALOG[parse_toml(text, name).base].sha256) for name, text in shipped_definitions().items()}
+    ids = {
+        name: specialist_id(parse_toml(text, name), str(CATALOG[parse_toml(text, name).base].sha256))
+        for name, text in shipped_definitions().items()
+    }
     assert set(ids) == {"arithmetic", "facts", "sentiment", "translator", "who-made-it"}
     assert len(set(ids.values())) == 5
     definition = parse_toml(GOOD, "good")

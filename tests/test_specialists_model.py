@@ -97,7 +97,7 @@ def test_a_grammar_holds_the_answer_and_the_definition_frames_the_prompt() -> No
     base = load_expert(model, n_ctx=512, n_threads=1, n_gpu_layers=0, queue_size=1, safe_cpu_kernels=safe_cpu_kernels())
     try:
         definition, _ = resolve_definition("sentiment")
-        (sentiment,), _ = build_specialists([(definition, "shipped:sentiment")], [base], None, models_dir)
+        (sentiment,), _ = build_specialists([(definition, "shipped:sentiment")], [base], None, models_dir)  # type: ignore[arg-type]  # the base is loaded
         assert sentiment.spec.id == specialist_id(definition, base.spec.sha256)
         for text in ("I love this phone, it works perfectly.", "This is the worst meal I have ever eaten.", "Tell me a story."):
             assert _answer(sentiment, text) in ("positive", "negative")
@@ -148,8 +148,8 @@ def test_adopt_and_response_format_between_two_nodes(tmp_path: Path) -> None:
     b = None
     try:
         b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, "--threads", "1", "--hello-interval-s", "1")
-        sentiment_id = specialist_id(resolve_definition("sentiment")[0], catalog.CATALOG["smollm2-135m"].sha256)
-        facts_id = specialist_id(resolve_definition("facts")[0], catalog.CATALOG["smollm2-135m"].sha256)
+        sentiment_id = specialist_id(resolve_definition("sentiment")[0], str(catalog.CATALOG["smollm2-135m"].sha256))
+        facts_id = specialist_id(resolve_definition("facts")[0], str(catalog.CATALOG["smollm2-135m"].sha256))
         entry = _wait_for_model(b.url, facts_id)
         assert entry["expertmesh"]["local"] is False
         _wait_for_model(b.url, sentiment_id)

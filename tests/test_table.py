@@ -30,7 +30,7 @@ SELF = NodeIdentity.generate()
 
 def _card(identity: NodeIdentity, url: str = URL_A) -> NodeCard:
     return NodeCard(
-        node_id=identity.node_id, public_key=identity.public_key_raw, addresses=[url], experts=[], issued_ms=0
+        node_id=identity.node_id, public_key=identity.public_key_raw, addresses=(url,), experts=(), issued_ms=0
     )
 
 

@@ -17,6 +17,7 @@ from tests.nodes import (
     expert_info,
     fake_expert,
     hello_body,
+    hello_rounds,
     signed_post,
     start_live_node,
     wait_until,
@@ -93,7 +94,7 @@ async def _sybil(tmp_path: Path, name: str, victim_url: str):
     return await start_live_node(tmp_path / name, [expert], peers=(victim_url,))
 
 
-def _share(victim, sybil_ids: set[str], n: int, constraints: RouteConstraints) -> tuple[float, dict]:
+async def _share(victim, sybil_ids: set[str], n: int, constraints: RouteConstraints) -> tuple[float, dict]:
     async def run() -> tuple[float, dict]:
         counts: Counter[str] = Counter()
         evidence = {}
@@ -104,7 +105,7 @@ def _share(victim, sybil_ids: set[str], n: int, constraints: RouteConstraints) -
             evidence[chosen.features.node_id] = routed.explanation["evidence"]
         return sum(counts[s] for s in sybil_ids) / n, evidence
 
-    return run()
+    return await run()
 
 
 async def test_an_unverified_remote_expert_gets_at_most_the_capped_share(tmp_path: Path) -> None:
@@ -151,11 +152,12 @@ async def test_forged_cards_are_not_relayed_and_honest_peers_keep_trusting(tmp_p
                 statuses.append((await signed_post(session, victim.url, "/peer/v1/cards", encode(CardSubmission(card=forged)), attacker.identity))[0])
             valid = capability_card(attacker.identity, victim.node_id, expert.spec.id, VICTIM_SHA, 0.9)
             statuses.append((await signed_post(session, victim.url, "/peer/v1/cards", encode(CardSubmission(card=valid)), attacker.identity))[0])
-        await asyncio.sleep(6)  # several hello rounds: the honest peer reads whatever the victim relays
+        # Not a pause: two hello exchanges after the forgeries, in which the honest peer reads whatever the victim relays.
+        await hello_rounds(honest, victim.node_id, rounds=2)
         relayed = [decode_signed_card(c).card for c in victim.judging.hello_cards(expert.spec.id)]
         trust = honest.network.trust_of(victim.node_id)
         print(f"\nitem 3: /cards statuses {Counter(statuses)}; relayed cards {len(relayed)}, owners {sorted({c.owner_node_id for c in relayed})}; "
-              f"honest peer's trust in the victim after 6 s: {trust.score:.2f}")
+              f"honest peer's trust in the victim after two hello rounds: {trust.score:.2f}")
         assert statuses[:16] == [400] * 16 and statuses[16] == 200
         assert relayed and all(c.owner_node_id == victim.node_id and c.model_sha256 == VICTIM_SHA for c in relayed)
         assert trust.score == 1.0 and not trust.evidence

@@ -69,8 +69,8 @@ def _card(identity: NodeIdentity = IDENTITY, n_experts: int = 3) -> NodeCard:
     return NodeCard(
         node_id=identity.node_id,
         public_key=identity.public_key_raw,
-        addresses=["http://192.168.1.7:8080", "https://node.example:443/mesh"],
-        experts=[_expert(i) for i in range(n_experts)],
+        addresses=("http://192.168.1.7:8080", "https://node.example:443/mesh"),
+        experts=tuple(_expert(i) for i in range(n_experts)),
         issued_ms=1_700_000_000_000,
     )
 
@@ -83,11 +83,11 @@ def _generate_request(**changes: Any) -> GenerateRequest:
     request = GenerateRequest(
         request_id="req-1",
         expert_id="smollm2-135m-0",
-        messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi ✓")],
+        messages=(ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi ✓")),
         max_tokens=64,
         temperature=0.7,
         top_p=None,
-        stop=["\n\n"],
+        stop=("\n\n",),
         seed=7,
         origin_node=NodeId(IDENTITY.node_id),
         hops=1,
@@ -102,10 +102,10 @@ SAMPLES: dict[type[WireMessage], Callable[[], WireMessage]] = {
     HelloReply: lambda: HelloReply(card=_signed(OTHER), echo_sent_ms=123),
     PeersRequest: lambda: PeersRequest(max_peers=16),
     PeersReply: lambda: PeersReply(
-        peers=[
+        peers=(
             PeerAddress(node_id=OTHER.node_id, url="http://10.0.0.2:8080"),
             PeerAddress(node_id=IDENTITY.node_id, url="http://[::1]:9"),
-        ]
+        )
     ),
     GenerateRequest: _generate_request,
     GenerateFrame: lambda: GenerateFrame(
@@ -500,7 +500,7 @@ def test_frame_reader_byte_by_byte_and_all_at_once() -> None:
     frames = _frames(20)
     stream = b"".join(encode(f) for f in frames)
     reader = FrameReader(GenerateFrame, max_frame_bytes=256, max_total_bytes=MAX_BYTES)
-    got = []
+    got: list[GenerateFrame] = []
     for i in range(len(stream)):
         reader.feed(stream[i : i + 1])
         got.extend(reader)

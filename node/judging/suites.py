@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from node.errors import NodeError
 
@@ -238,7 +238,7 @@ def _check_labels(item: ProbeItem) -> None:
         raise _fail(item, f"reference {strays[0]!r} is not one of the labels {list(labels)}")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

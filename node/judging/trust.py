@@ -54,7 +54,7 @@ def judge_records(cards: Iterable[CapabilityCard], own_id: str) -> dict[str, Jud
         mine = own.get((card.model_sha256, card.suite_version))
         if mine is None:
             continue
-        shared = [(s, card.score(s.dimension)) for s in mine.scores if card.score(s.dimension) is not None]
+        shared = [(s, theirs) for s in mine.scores if (theirs := card.score(s.dimension)) is not None]
         if not shared:
             continue
         entry = counts.setdefault(card.judge_node_id, [0, 0])

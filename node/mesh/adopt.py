@@ -140,7 +140,9 @@ async def adopt(app: web.Application, expert_id: str, *, dry_run: bool = False) 
         return view
     base = _local_base(app, message.base_sha256)
     if base is None:
-        model = base_file or await asyncio.to_thread(catalog.resolve, base_ref, settings.models_dir, progress=False)
+        model = base_file if base_file is not None else await asyncio.to_thread(
+            catalog.resolve, base_ref, settings.models_dir, progress=False
+        )
         base = await asyncio.to_thread(
             load_expert,
             model,

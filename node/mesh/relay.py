@@ -9,6 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -347,11 +348,11 @@ class RelayLinks:
                             continue
                         task = self._spawn(self._serve(message, send))
                         streams[message.stream_id] = task
-                        task.add_done_callback(lambda _t, sid=message.stream_id: streams.pop(sid, None))
+                        task.add_done_callback(partial(_forget_stream, streams, message.stream_id))
                     elif isinstance(message, TunnelCancel):
-                        task = streams.pop(message.stream_id, None)
-                        if task is not None:
-                            task.cancel()
+                        cancelled = streams.pop(message.stream_id, None)
+                        if cancelled is not None:
+                            cancelled.cancel()
             finally:
                 for task in streams.values():
                     task.cancel()
@@ -391,6 +392,11 @@ class RelayLinks:
 relay_server_key = web.AppKey("relay_server", RelayServer)
 relay_links_key = web.AppKey("relay_links", RelayLinks)
 admissions_key = web.AppKey("admissions", Admissions)
+
+
+def _forget_stream(streams: dict[int, asyncio.Task], stream_id: int, _task: asyncio.Task) -> None:
+    """A done callback: a finished stream's task leaves the table."""
+    streams.pop(stream_id, None)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

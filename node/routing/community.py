@@ -69,7 +69,7 @@ class Community:
     def record(self, item: Rewarded) -> None:
         """Count one rating from the ledger, once (by its reward seq)."""
         decision = item.decision
-        served = decision.candidates[decision.served_index]
+        served = decision.candidates[decision.chosen_index if decision.served_index is None else decision.served_index]
         with self._lock:
             if item.seq <= self._own_seq:
                 return

@@ -276,7 +276,7 @@ class BatchScheduler:
         """Move waiting requests into free slots; a solo request waits for an empty context and runs alone."""
         while self._waiting:
             busy = [slot for slot in self._slots if slot.request is not None]
-            if any(slot.request.solo for slot in busy):
+            if any(slot.request is not None and slot.request.solo for slot in busy):
                 return
             head = self._waiting[0]
             free = [slot for slot in self._slots if slot.request is None]
@@ -352,6 +352,7 @@ class BatchScheduler:
         """Sample a slot's next token, update its text, and end it on EOG, a stop string or max tokens."""
         ll = self._ll
         request = slot.request
+        assert request is not None  # only a slot that holds a request is sampled or finished
         token = ll.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
         if ll.llama_vocab_is_eog(self.vocab, token):
             return self._finish(slot, "stop", None)
@@ -378,6 +379,7 @@ class BatchScheduler:
     def _finish(self, slot: _Slot, reason: str, cut: int | None) -> list[StepEvent]:
         """The rest of a slot's text and its end; the slot is free at once, its cells kept as a prefix cache."""
         request = slot.request
+        assert request is not None  # only a slot that holds a request is sampled or finished
         end = len(slot.out) if cut is None else cut
         events: list[StepEvent] = []
         if end > slot.sent:

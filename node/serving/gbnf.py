@@ -176,7 +176,7 @@ class _Parser:
         self.space(False)
         low = self.integer()
         self.space(False)
-        high = low
+        high: int | None = low
         if self.peek() == ",":
             self.pos += 1
             self.space(False)

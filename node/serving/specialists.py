@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -110,7 +111,7 @@ class Definition(_Strict):
         return None
 
 
-def _field_path(error: dict[str, Any]) -> str:
+def _field_path(error: Mapping[str, Any]) -> str:
     return ".".join(str(part) for part in error["loc"]) or "definition"
 
 

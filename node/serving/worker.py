@@ -193,6 +193,7 @@ class ModelWorker:
     def _read_loop(self) -> None:
         while True:
             conn = self._conn
+            assert conn is not None  # set by _start before this thread runs
             try:
                 while True:
                     self._handle(conn.recv())
