@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv (a virtual environment in the clone, so a PEP 668 "externally
-# managed" system Python works too), plus Debian's chromium (browser tests) and iptables (NAT test), and run every test.
+# managed" system Python works too), plus Debian's chromium (browser tests) and iptables (NAT test); check lint, types and
+# import contracts; and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root_apt() {
@@ -19,4 +20,14 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || { as_root_apt python3-venv && python3 -m venv .venv; }
 fi
 .venv/bin/python -m pip install -q -e '.[test]'
+# Lint, types and import contracts (configured in pyproject.toml) come first: a finding fails the run before any
+# test starts. SKIP_LINT=1 leaves them out of a local run; CI never sets it.
+if [ "${SKIP_LINT:-0}" != 1 ]; then
+    echo "== ruff"
+    .venv/bin/ruff check --quiet .
+    echo "== mypy"
+    .venv/bin/mypy
+    echo "== import contracts"
+    .venv/bin/lint-imports --no-cache
+fi
 exec .venv/bin/python -m pytest "$@"
