@@ -33,7 +33,7 @@ from node.routing.router import Router
 from node.serving.experts import ExpertSpec, LocalExpert, expert_id_for
 from node.serving.native import load_llama
 from peers import auth
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.wire import CONTENT_TYPE, ExpertInfo, Hello, NodeCard, encode, sign_card
 
 T = TypeVar("T")
@@ -304,7 +304,7 @@ async def hello_rounds(watcher: LiveNode, peer_id: str, rounds: int = 2, timeout
         since_ms = int(time.time() * 1000)
 
         def heard(since_ms: int = since_ms) -> bool:
-            peer = watcher.network.table.peers.get(peer_id)
+            peer = watcher.network.table.peers.get(NodeId(peer_id))
             return peer is not None and peer.last_seen_ms > since_ms
 
         await wait_until(heard, f"hello round {round_} between {watcher.node_id} and {peer_id}", timeout_s)

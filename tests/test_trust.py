@@ -65,7 +65,9 @@ async def test_forged_cards_cannot_replace_a_nodes_own_measurement(tmp_path: Pat
             await wait_until(lambda: victim.network.is_verified_peer(peer.node_id), what="the victim to verify its peer")
             by_peer = capability_card(peer.identity, victim.node_id, expert.spec.id, VICTIM_SHA, 0.0)
             status_c, _, _ = await signed_post(session, victim.url, "/peer/v1/cards", encode(CardSubmission(card=by_peer)), peer.identity)
-        await asyncio.sleep(0.5)
+        # Not a pause: the last card sent is stored, so everything sent before it has been handled.
+        judged_by = lambda: {c.judge_node_id for c in victim.judging.cards(VICTIM_SHA)}  # noqa: E731
+        await wait_until(lambda: peer.node_id in judged_by(), what="the verified peer's card to be stored")
         safety = victim.judging.judged_scores(VICTIM_SHA)["safety"]
         chosen = victim.router.candidates(RouteConstraints(min_scores={"safety": 0.9}))
         judges = {c.judge_node_id for c in victim.judging.cards(VICTIM_SHA)}
