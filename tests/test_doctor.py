@@ -7,19 +7,35 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from node import cli
 from node.serving import selfcheck
 
 
-def _doctor(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [
-        sys.executable, "-m", "node", "doctor",
-        "--data-dir", str(tmp_path / "data"), "--models-dir", str(tmp_path / "models"), *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+@dataclasses.dataclass
+class Done:
+    """What `expertmesh doctor` returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def doctor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Done]:
+    """`expertmesh doctor` run through the CLI's entry point in this process (no interpreter start per check)."""
+
+    def run(*args: str) -> Done:
+        capsys.readouterr()
+        returncode = cli.main(["doctor", "--data-dir", str(tmp_path / "data"), "--models-dir", str(tmp_path / "models"), *args])
+        out = capsys.readouterr()
+        return Done(returncode, out.out, out.err)
+
+    return run
 
 
 def _free_port() -> int:
@@ -28,8 +44,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_doctor_reports_everything_and_passes_on_a_usable_machine(tmp_path: Path) -> None:
-    done = _doctor(tmp_path, "--port", str(_free_port()))
+def test_doctor_reports_everything_and_passes_on_a_usable_machine(doctor: Callable[..., Done]) -> None:
+    done = doctor("--port", str(_free_port()))
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("python", "llama-cpp-python", "backend", "cpu", "cpu self-check", "models dir", "data dir", "port", "mdns"):
         assert f"] {name} " in done.stdout, (name, done.stdout)
@@ -38,31 +54,31 @@ def test_doctor_reports_everything_and_passes_on_a_usable_machine(tmp_path: Path
     assert done.stdout.strip().endswith("the node can run")
 
 
-def test_doctor_fails_when_the_port_is_taken(tmp_path: Path) -> None:
+def test_doctor_fails_when_the_port_is_taken(doctor: Callable[..., Done]) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        done = _doctor(tmp_path, "--port", str(holder.getsockname()[1]))
+        done = doctor("--port", str(holder.getsockname()[1]))
     assert done.returncode == 1
     assert "[FAIL] port" in done.stdout and "cannot run: fix port" in done.stdout
 
 
-def test_doctor_shows_a_cached_safe_kernel_verdict(tmp_path: Path) -> None:
+def test_doctor_shows_a_cached_safe_kernel_verdict(tmp_path: Path, doctor: Callable[..., Done]) -> None:
     data = tmp_path / "data"
     data.mkdir()
     verdict = selfcheck.Verdict(True, "llama.cpp's default CPU kernels died of SIGILL here", "check", fault="SIGILL", safe_kernels_pass=True)
     (data / selfcheck.VERDICT_FILE).write_text(json.dumps(dataclasses.asdict(verdict)))
-    done = _doctor(tmp_path, "--port", str(_free_port()))
+    done = doctor("--port", str(_free_port()))
     assert done.returncode == 0
     assert "[WARN] cpu self-check" in done.stdout and "SIGILL" in done.stdout
 
 
-def test_doctor_fails_when_even_safe_kernels_crash(tmp_path: Path) -> None:
+def test_doctor_fails_when_even_safe_kernels_crash(tmp_path: Path, doctor: Callable[..., Done]) -> None:
     data = tmp_path / "data"
     data.mkdir()
     verdict = selfcheck.Verdict(True, "died", "check", fault="SIGILL", safe_kernels_pass=False)
     (data / selfcheck.VERDICT_FILE).write_text(json.dumps(dataclasses.asdict(verdict)))
-    done = _doctor(tmp_path, "--port", str(_free_port()))
+    done = doctor("--port", str(_free_port()))
     assert done.returncode == 1 and "[FAIL] cpu self-check" in done.stdout and "GGML_NATIVE=OFF" in done.stdout
 
 
