@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from peers.directory import (
     CardNews,
     Directory,
@@ -63,8 +65,9 @@ def test_neighbour_sets_are_bounded_and_stable() -> None:
     assert neighbours(directory, POLICY) == chosen
 
 
-def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none() -> None:
-    rng = random.Random(3)
+@pytest.mark.parametrize("seed", range(10))  # every seed in a range: seed 3 alone hid that rumours may miss a node
+def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none(seed: int) -> None:
+    rng = random.Random(seed)
     ids = [f"n{i}" for i in range(60)]
     base = {i: _news(i, 1) for i in ids}
     dirs = {}
@@ -77,7 +80,7 @@ def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none() -
     dirs["n5"] = issue(dirs["n5"], 2, "signed:n5:2")
     # A liar pushes a forged newer card of n9 in every message it sends.
     forged = _news("n9", 99, card="forged")
-    for _ in range(40):
+    for _ in range(15):  # rumours die out within about six rounds
         for i in ids:
             partner = rng.choice(neighbours(dirs[i], POLICY))
             push = outgoing(dirs[i], POLICY) + ([forged] if i == "n1" else [])
@@ -86,6 +89,13 @@ def test_news_reaches_every_node_of_a_small_network_and_forgeries_reach_none() -
             dirs[i], known_i = receive(dirs[i], pull, POLICY, _verify)
             dirs[i] = feedback(dirs[i], push, known_p, POLICY)
             dirs[partner] = feedback(dirs[partner], pull, known_i, POLICY)
+    assert all(d.entries["n9"].version == 1 for d in dirs.values())
+    # Rumour mongering is probabilistic: it may die out one node short (seeds 4 and 7 here) ...
+    assert sum(d.entries["n5"].version == 2 for d in dirs.values()) >= len(ids) - 1
+    # ... which one anti-entropy pull from a neighbour repairs.
+    for i in ids:
+        partner = neighbours(dirs[i], POLICY)[0]
+        dirs[i], _ = receive(dirs[i], newer_than(dirs[partner], versions(dirs[i]), POLICY), POLICY, _verify)
     assert all(d.entries["n5"].version == 2 for d in dirs.values())
     assert len({d.summary for d in dirs.values()}) == 1  # every digest agrees once news has spread
     assert all(d.entries["n9"].version == 1 for d in dirs.values())
