@@ -1,9 +1,9 @@
 """The node's gossip directory: signed node cards pushed and pulled with neighbours (peers/directory.py).
 
-A first, minimal use of the pure protocol: the node keeps a directory of every node card it
-hears of, gossips it with a neighbour picked from its alive peers, and lists it at
-`GET /v1/directory`. Its peer table still hellos every peer; moving liveness onto the bounded
-neighbour set is the next step (see the README's "Beyond a few hundred peers").
+The node keeps a directory of every node card it hears of, gossips it with a neighbour picked
+from its alive peers, and lists it at `GET /v1/directory`. Every verified card that is news is
+handed to the network (node/mesh/neighbours.py), which hellos only a bounded neighbour set and
+knows everyone else from these cards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from peers import auth
 from peers import directory as pure
 from peers.client import PEER_PATH
 from peers.identity import node_id_from_public_key
-from peers.wire import CONTENT_TYPE, Limit, SignedCard, WireError, WireMessage, _wire, decode, encode, verify_card
+from peers.wire import CONTENT_TYPE, Limit, NodeCard, SignedCard, WireError, WireMessage, _wire, decode, encode, verify_card
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,17 @@ class DirectoryService:
         self._rng = rng or random.Random()
         self._task: asyncio.Task | None = None
         self.rounds = 0
+        # Told of every verified card that was news here (the network's neighbour choice and routing use them).
+        self.on_card: Callable[[NodeCard], None] = lambda _card: None
+
+    def _receive(self, news: list[pure.CardNews]) -> list[str]:
+        """Merge gossiped cards; hand each one that was news on; the ids we already had."""
+        self.state, known = pure.receive(self.state, news, self.policy, _verify)
+        for item in news:
+            entry = self.state.entries.get(item.node_id)
+            if entry is not None and entry.version == item.version and entry.card is item.card and item.node_id not in known:
+                self.on_card(decode(item.card, SignedCard, max_bytes=MAX_CARD_BYTES).card)
+        return known
 
     def issue_own(self) -> None:
         """Put our current card in the directory as news."""
@@ -103,7 +114,7 @@ class DirectoryService:
         """A neighbour pushed: merge, answer with our hot cards and what we already had."""
         pull = pure.outgoing(self.state, self.policy)
         news = [n for n in (_news(c) for c in message.cards) if n is not None]
-        self.state, known = pure.receive(self.state, news, self.policy, _verify)
+        known = self._receive(news)
         return GossipReply(cards=tuple(n.card for n in pull), known=tuple(known))
 
     async def gossip_once(self) -> bool:
@@ -127,8 +138,7 @@ class DirectoryService:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError) as exc:
             log.debug("gossip with %s failed: %s", partner, exc)
             return False
-        news = [n for n in (_news(c) for c in reply.cards) if n is not None]
-        self.state, _ = pure.receive(self.state, news, self.policy, _verify)
+        self._receive([n for n in (_news(c) for c in reply.cards) if n is not None])
         self.state = pure.feedback(self.state, push, list(reply.known), self.policy)
         return True
 
@@ -179,6 +189,7 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
             return auth.sign_request(identity, "POST", path, body, secret=secret)
 
         service = DirectoryService(network.node_id, network.signed_card, partners, session, sign=sign)
+        service.on_card = network.neighbours.card_learned
         app[directory_key] = service
         try:
             yield
