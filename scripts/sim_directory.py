@@ -26,9 +26,9 @@ from peers.directory import (
     Entry,
     directory_digest,
     feedback,
+    hello_set,
     issue,
     make_directory,
-    neighbours,
     newer_than,
     outgoing,
     receive,
@@ -109,9 +109,10 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
     nodes: dict[str, SimNode] = {}
     for identity in identities:
         directory = make_directory(identity.node_id, cards)  # a converged directory: everyone knows everyone
-        nodes[identity.node_id] = SimNode(
-            identity, directory, neighbours(directory, policy), offset=rng.randrange(policy.anti_entropy_every)
-        )
+        # Whom the node hellos: the node's own rule (node/mesh/neighbours.py), with every peer alive and
+        # none serving it (no routing traffic here), so bootstrap peers are no longer pinned.
+        chosen = sorted(hello_set(identity.node_id, list(cards), policy.max_neighbours, alive_count=n_nodes - 1))
+        nodes[identity.node_id] = SimNode(identity, directory, chosen, offset=rng.randrange(policy.anti_entropy_every))
     ids = list(nodes)
     # Hellos go to the neighbour set; each is answered, so a node also answers its in-neighbours.
     in_degree = {n: 0 for n in ids}
@@ -140,6 +141,7 @@ def simulate(n_nodes: int, policy: DirectoryPolicy, seed: int) -> dict[str, floa
         rng.shuffle(order)
         for node_id in order:
             node = nodes[node_id]
+            # The node gossips with one of the rendezvous top `max_neighbours` of its alive peers: its out-neighbours.
             partner = nodes[rng.choice(node.neighbours)]
             push = outgoing(node.directory, policy)
             pull = outgoing(partner.directory, policy)

@@ -21,7 +21,10 @@ from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.relay import (
     CONNECT_PATH,
+    E2E_KEY_HEADER,
     FORWARDED_HEADER_PREFIX,
+    KEY_ROUTE,
+    SEALED_ROUTE,
     MAX_TUNNEL_MESSAGE_BYTES,
     NONCE_BYTES,
     NONCE_HEADER,
@@ -36,6 +39,8 @@ from peers.relay import (
     TunnelRequest,
     check_tunnel,
     decode_tunnel,
+    home_e2e_key,
+    open_request,
     parse_relayed_url,
     prove_tunnel,
     relayed_url,
@@ -341,7 +346,7 @@ class RelayLinks:
                     if isinstance(message, TunnelRequest):
                         if len(streams) >= MAX_HOME_STREAMS:
                             # The relay sends more than this node serves at once: a signed "busy", not a queue.
-                            sealer = EnvelopeSealer(self.identity, message.nonce, request_digest(message.route, message.body))
+                            sealer, _inner = self._open(message)
                             for env in sealer.seal(b"", status=429, retry_after_s=1, end=True):
                                 await send(TunnelData(stream_id=message.stream_id, data=env, end=True))
                             continue
@@ -357,10 +362,34 @@ class RelayLinks:
                     task.cancel()
         return True
 
-    async def _serve(self, request: TunnelRequest, send) -> None:
+    def _open(self, request: TunnelRequest) -> tuple[EnvelopeSealer, TunnelRequest | None]:
+        """The reply's sealer, and the request as sent (decrypted when sealed; None when it does not decrypt)."""
+        digest = request_digest(request.route, request.body)
+        if request.route != SEALED_ROUTE:
+            return EnvelopeSealer(self.identity, request.nonce, digest), request
+        headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
+        key = next((v for k, v in headers.items() if k.lower() == E2E_KEY_HEADER.lower()), "")
+        try:
+            inner = open_request(self.identity, request.nonce, bytes.fromhex(key), request.body)
+        except (WireError, ValueError) as exc:
+            log.info("relayed sealed request refused: %s", exc)
+            return EnvelopeSealer(self.identity, request.nonce, digest), None
+        sealer = EnvelopeSealer(self.identity, request.nonce, digest, cipher=inner.reply_cipher)
+        return sealer, TunnelRequest(stream_id=request.stream_id, route=inner.route, body=inner.body, headers=inner.headers, nonce=request.nonce)
+
+    async def _serve(self, relayed: TunnelRequest, send) -> None:
         """Run one relayed request against our own peer API and send its reply back sealed."""
-        sid = request.stream_id
-        sealer = EnvelopeSealer(self.identity, request.nonce, request_digest(request.route, request.body))
+        sid = relayed.stream_id
+        if relayed.route == KEY_ROUTE:  # our X25519 key, signed by our node key, for the requester to encrypt to
+            sealer = EnvelopeSealer(self.identity, relayed.nonce, request_digest(relayed.route, relayed.body))
+            for env in sealer.seal(home_e2e_key(self.identity).public_key().public_bytes_raw(), status=200, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
+        sealer, request = self._open(relayed)
+        if request is None:
+            for env in sealer.seal(b"", status=400, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
         headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
         headers = {k: v for k, v in headers.items() if k.lower().startswith(FORWARDED_HEADER_PREFIX)}
         headers["Content-Type"] = CONTENT_TYPE
