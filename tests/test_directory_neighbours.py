@@ -68,6 +68,9 @@ def test_liveness_from_a_peers_own_hello_and_peers_known_only_from_the_directory
     assert not neighbours.routable(peer, later)
     neighbours.heard(peer.node_id, later)  # its signed hello reached us
     assert neighbours.routable(peer, later)
+    # ... but when our own hello to it fails, we cannot reach it, whatever it sends us.
+    failed = peer_table.apply(table, peer_table.HelloFailed(peer.url, later), POLICY).peers[peer.node_id]
+    assert not neighbours.routable(failed, later)
     for card in cards[10:]:
         neighbours.card_learned(card)
     chosen = neighbours.chosen(table, later, lambda _n: False)

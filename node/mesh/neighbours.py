@@ -61,10 +61,11 @@ class Neighbours:
     # ---- queries -------------------------------------------------------------------------
 
     def routable(self, peer: PeerState, now_ms: int) -> bool:
-        """Verified, and heard from within the dead-peer time (our hello, or its own)."""
+        """Verified, and heard from within the dead-peer time (our hello, or its own while ours do not fail)."""
         if not peer.verified:
             return False
-        last = max(peer.last_seen_ms, self.heard_ms.get(peer.node_id, -1))
+        # Its hello proves it lives, not that we reach it (it may be behind NAT): a failing hello of ours wins.
+        last = peer.last_seen_ms if peer.failures else max(peer.last_seen_ms, self.heard_ms.get(peer.node_id, -1))
         return now_ms - last <= self._table_policy.dead_after_ms
 
     def chosen(self, table: PeerTable, now_ms: int, refused: Callable[[str], bool]) -> set[str]:
