@@ -329,6 +329,7 @@ class TunnelReady(WireMessage):
     url: str = _wire(min_len=1, max_len=200)
     max_streams: int = _wire(min_value=0)
     max_bytes_per_s: int = _wire(min_value=0)
+    observed_ip: str = _wire("", max_len=64)  # the home node's address as the relay sees it (for hole punching)
 
 
 @dataclass(frozen=True)

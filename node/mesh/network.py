@@ -100,6 +100,8 @@ class Network:
         self.on_peer_learning: Callable[[str, bytes], object] = lambda _node_id, _data: None
         # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
         self.is_refused: Callable[[str], bool] = lambda _node_id: False
+        # Set by the relay module: try a hole-punched path to a peer reached through a relay.
+        self.try_punch: Callable[[str], None] = lambda _url: None
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
@@ -442,6 +444,7 @@ class Network:
         if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
             return
         self._direct_tried_ms[card.node_id] = now_ms
+        self.try_punch(url)
         for other in card.addresses[:MAX_ADDRESSES_PER_CARD]:
             target = self.dialable(other)
             if target is not None and not is_relayed(target):

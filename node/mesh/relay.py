@@ -17,6 +17,7 @@ from node import keys
 from node.config import Settings
 from node.errors import ExpertBusy, InvalidRequest, NotFound, PayloadTooLarge, PeerUnavailable
 from node.mesh.admission import Admissions
+from node.mesh.punch import OBSERVED_HEADER, PUNCH_ROUTE, PUNCHED, PunchedPeer, PunchHome, PunchReply, PunchRequest
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.relay import (
@@ -142,6 +143,7 @@ class RelayServer:
             url=relayed_url(self._public_url(request), node_id),
             max_streams=self._settings.relay_max_streams,
             max_bytes_per_s=int(self._settings.relay_max_bytes_per_s),
+            observed_ip=request.remote or "",
         ))
         log.info("relay: tunnel open for %s (%d tunnels)", node_id, len(self.tunnels))
         try:
@@ -197,8 +199,9 @@ class RelayServer:
             raise InvalidRequest(f"{NONCE_HEADER} must be hex") from exc
         headers: list[str] = []
         for name, value in request.headers.items():
-            if name.lower().startswith(FORWARDED_HEADER_PREFIX) and name.lower() != NONCE_HEADER.lower():
+            if name.lower().startswith(FORWARDED_HEADER_PREFIX) and name.lower() not in (NONCE_HEADER.lower(), OBSERVED_HEADER.lower()):
                 headers += [name, value]
+        headers = [OBSERVED_HEADER, request.remote or ""] + headers  # where the requester is, for hole punching
         await self._budget.spend(len(body))
         stream_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
@@ -268,11 +271,14 @@ class RelayLinks:
         self._local_url = ""
         self._direct_urls: tuple[str, ...] = ()
         self.relayed: dict[str, str] = {}  # relay url -> our address there, while the tunnel is up
+        self.public_ip: dict[str, str] = {}  # relay url -> our address as that relay sees it
         self._tasks: set[asyncio.Task] = set()
+        self.punch_home: PunchHome | None = None
 
     async def start(self, local_url: str) -> None:
         """Redeem pending invites, then open a tunnel to every relay (each retried for ever)."""
         self._local_url = local_url.rstrip("/")
+        self.punch_home = PunchHome(self._local_url)
         self._direct_urls = tuple(self._network.urls)
         for relay in self._relays:
             self._spawn(self._keep_tunnel(relay))
@@ -287,6 +293,8 @@ class RelayLinks:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.punch_home is not None:
+            await self.punch_home.close()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -329,6 +337,7 @@ class RelayLinks:
                 return False
             ready = decode_tunnel(msg.data, (TunnelReady,))
             self.relayed[relay] = ready.url
+            self.public_ip[relay] = ready.observed_ip
             self._publish()
             log.info("tunnel open to relay %s (node %s): reachable at %s", relay, challenge.relay_node_id, ready.url)
             streams: dict[int, asyncio.Task] = {}
@@ -350,7 +359,7 @@ class RelayLinks:
                             for env in sealer.seal(b"", status=429, retry_after_s=1, end=True):
                                 await send(TunnelData(stream_id=message.stream_id, data=env, end=True))
                             continue
-                        task = self._spawn(self._serve(message, send))
+                        task = self._spawn(self._serve(message, send, relay))
                         streams[message.stream_id] = task
                         task.add_done_callback(lambda _t, sid=message.stream_id: streams.pop(sid, None))
                     elif isinstance(message, TunnelCancel):
@@ -377,7 +386,7 @@ class RelayLinks:
         sealer = EnvelopeSealer(self.identity, request.nonce, digest, cipher=inner.reply_cipher)
         return sealer, TunnelRequest(stream_id=request.stream_id, route=inner.route, body=inner.body, headers=inner.headers, nonce=request.nonce)
 
-    async def _serve(self, relayed: TunnelRequest, send) -> None:
+    async def _serve(self, relayed: TunnelRequest, send, relay: str = "") -> None:
         """Run one relayed request against our own peer API and send its reply back sealed."""
         sid = relayed.stream_id
         if relayed.route == KEY_ROUTE:  # our X25519 key, signed by our node key, for the requester to encrypt to
@@ -388,6 +397,16 @@ class RelayLinks:
         sealer, request = self._open(relayed)
         if request is None:
             for env in sealer.seal(b"", status=400, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
+        if request.route == PUNCH_ROUTE:  # answered here: our public address and a port, then we connect out
+            outer = {k.lower(): v for k, v in zip(relayed.headers[0::2], relayed.headers[1::2], strict=False)}
+            public_ip = self.public_ip.get(relay, "")
+            # A relay that sees us on loopback shares our host: there is no NAT to punch through.
+            if public_ip.startswith("127.") or public_ip == "::1" or self.punch_home is None:
+                public_ip = ""
+            status, body = self.punch_home.answer(request.body, outer.get(OBSERVED_HEADER.lower(), ""), public_ip) if self.punch_home else (409, b"")
+            for env in sealer.seal(body, status=status, end=True):
                 await send(TunnelData(stream_id=sid, data=env, end=True))
             return
         headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
@@ -436,9 +455,12 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         links = RelayLinks(settings, identity, session, network)
         app[relay_links_key] = links
+        punching = Punching(network, session)
+        network.try_punch = punching.try_punch
         try:
             yield
         finally:
+            await punching.close()
             await links.close()
             for tunnel in list(app[relay_server_key].tunnels.values()):
                 await _quiet(tunnel.ws.close())
@@ -458,9 +480,71 @@ def add_routes(app: web.Application) -> None:
 
 
 def reach_of(network, url: str) -> dict:
-    """How a peer at `url` is reached: direct, or relayed via which node (by its address in our table)."""
-    relayed = parse_relayed_url(url)
+    """How a peer at `url` is reached: direct, hole-punched (set up through which relay) or relayed via which node."""
+    punched = PUNCHED.get(url.rstrip("/"))
+    relayed = parse_relayed_url(punched or url)
     if relayed is None:
         return {"kind": "direct", "via": None, "via_url": None}
     via = next((p.node_id for p in network.table.peers.values() if p.url.rstrip("/") == relayed.relay_url), None)
-    return {"kind": "relayed", "via": via, "via_url": relayed.relay_url}
+    return {"kind": "hole-punched" if punched else "relayed", "via": via, "via_url": relayed.relay_url}
+
+
+class Punching:
+    """The requester's side of hole punching: for a peer reached through a relay, try a punched path now and then."""
+
+    def __init__(self, network, session: aiohttp.ClientSession) -> None:
+        self._network = network
+        self._session = session
+        self._peers: dict[str, PunchedPeer] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def try_punch(self, relayed: str) -> None:
+        """Hello the peer at `relayed` over a punched connection; if that answers, the table moves to it."""
+        task = asyncio.create_task(self._try(relayed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _try(self, relayed: str) -> None:
+        peer = self._peers.get(relayed)
+        if peer is None:
+            peer = self._peers[relayed] = PunchedPeer(relayed, lambda port: self._ask(relayed, port))
+            await peer.start()
+        self._network._hello_soon(peer.url)
+
+    async def _ask(self, relayed: str, port: int) -> PunchReply | None:
+        """Ask the home node, through the relay and sealed, for its address and port to punch to."""
+        from peers.client import PeerUnreachable
+        from peers.relay_client import RelayErrors, post_sealed
+
+        address = parse_relayed_url(relayed)
+        if address is None:
+            return None
+        try:
+            reply = await post_sealed(
+                self._session, relayed, address, PUNCH_ROUTE, encode(PunchRequest(port=port)), {},
+                aiohttp.ClientTimeout(total=10), RelayErrors(PeerUnreachable, PeerUnreachable),
+            )
+            try:
+                if reply.status != 200:
+                    return None
+                data = b"".join([chunk async for chunk in reply.content.iter_chunked(1024)])
+            finally:
+                reply.close()
+            return decode_punch(data)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, WireError, PeerUnreachable) as exc:
+            log.debug("punch request to %s failed: %s", relayed, exc)
+            return None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for peer in self._peers.values():
+            await peer.close()
+
+
+def decode_punch(data: bytes) -> PunchReply:
+    """A punch reply, bounded."""
+    from peers.wire import decode
+
+    return decode(data, PunchReply, max_bytes=256)
