@@ -6,7 +6,8 @@ the requester's public address as it sees it; the home node answers with its own
 address (as its relay saw its tunnel) and a port it bound, then both connect to each other
 from those ports at once. Each side's SYN opens its own NAT for the other's (Linux conntrack
 with MASQUERADE keeps the source port), so the two SYNs cross and one TCP connection forms.
-The home node splices it to its own HTTP server; the requester serves it on a loopback port,
+The home node serves the peer API alone over it (each request passed to its own HTTP server,
+as relayed requests are: never the user API or the web page); the requester serves it on a loopback port,
 so its peer client talks the ordinary, signed peer API over it. Each connection the requester's
 client opens is punched anew; when punching fails the peer stays reached through the relay.
 """
@@ -20,7 +21,9 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import ClassVar
-from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
 
 from peers.wire import WireError, WireMessage, _wire, decode, encode
 
@@ -28,9 +31,12 @@ log = logging.getLogger(__name__)
 
 PUNCH_ROUTE = "punch"
 OBSERVED_HEADER = "X-Expertmesh-Observed-Ip"  # set by the relay: the requester's address as the relay sees it
+PEER_PREFIX = "/peer/v1/"
+MAX_BODY_BYTES = 256 << 10
+_PASSED_HEADERS = ("content-type", "retry-after")
 PUNCH_WINDOW_S = 6.0  # both sides keep sending SYNs this long
 CONNECT_TRY_S = 1.5
-MAX_PUNCHES = 8  # punches a home node runs at once
+MAX_PUNCHES = 32  # punches (and punched connections) a home node keeps at once
 
 # Loopback proxy urls of punched peers -> the relayed address they bypass (for /v1/peers' "reach").
 PUNCHED: dict[str, str] = {}
@@ -98,11 +104,32 @@ async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, oth
 class PunchHome:
     """The home node's side: answer a punch request, then connect out and splice to our own HTTP server."""
 
-    def __init__(self, local_url: str) -> None:
-        parts = urlsplit(local_url)
-        self._local = (parts.hostname or "127.0.0.1", parts.port or 80)
+    def __init__(self, local_url: str, session: aiohttp.ClientSession) -> None:
+        self._local_url = local_url.rstrip("/")
+        self._session = session
         self._running = 0
         self._tasks: set[asyncio.Task] = set()
+        self._server = web.Server(self._handle)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A request over a punched connection: peer API only, passed to our own server, streamed back."""
+        if request.method != "POST" or not request.path.startswith(PEER_PREFIX) or "/relay" in request.path:
+            return web.Response(status=404, text="only the peer API is served over a punched connection")
+        body = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            return web.Response(status=413, text="request too large")
+        headers = {k: v for k, v in request.headers.items() if k.lower().startswith("x-expertmesh-") or k.lower() == "content-type"}
+        async with self._session.post(
+            self._local_url + request.path, data=body, headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=120),
+        ) as answer:
+            kept = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-expertmesh-") or k.lower() in _PASSED_HEADERS}
+            response = web.StreamResponse(status=answer.status, headers=kept)
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
 
     def answer(self, body: bytes, requester_ip: str, public_ip: str) -> tuple[int, bytes]:
         """(status, reply body) for a punch request; a punch starts in the background when it is 200."""
@@ -130,18 +157,23 @@ class PunchHome:
                 log.info("punch to %s:%d did not connect", ip, peer_port)
                 return
             log.info("punched a direct connection with %s:%d", ip, peer_port)
-            reader, writer = await asyncio.open_connection(sock=sock)
-            local_reader, local_writer = await asyncio.open_connection(*self._local)
-            await splice(reader, writer, local_reader, local_writer)
+            await self.serve(sock)
         except OSError as exc:
             log.info("punched connection failed: %s", exc)
         finally:
             self._running -= 1
 
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve the peer API over a connected socket until it closes."""
+        transport, _protocol = await asyncio.get_running_loop().connect_accepted_socket(self._server, sock)
+        while not transport.is_closing():
+            await asyncio.sleep(0.5)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.shutdown(1)
 
 
 class PunchedPeer:

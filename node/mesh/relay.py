@@ -278,7 +278,7 @@ class RelayLinks:
     async def start(self, local_url: str) -> None:
         """Redeem pending invites, then open a tunnel to every relay (each retried for ever)."""
         self._local_url = local_url.rstrip("/")
-        self.punch_home = PunchHome(self._local_url)
+        self.punch_home = PunchHome(self._local_url, self.session)
         self._direct_urls = tuple(self._network.urls)
         for relay in self._relays:
             self._spawn(self._keep_tunnel(relay))
