@@ -15,6 +15,7 @@ from node.errors import Forbidden
 from node.http.access import is_loopback_host
 from node.mesh.neighbours import Neighbours, alive_peers as routable_peers
 from node.mesh.peer_store import PeerStore, RememberedPeer
+from node.mesh.punch import PUNCHED
 from node.serving.experts import ExpertPool
 from peers import table as peer_table
 from peers.addresses import dialable_origin
@@ -432,6 +433,8 @@ class Network:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
                 # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.
                 self._spawn(self._exchange(url))
+            if url in PUNCHED:
+                return  # a punched path is a loopback port of this run: the relayed address is what to remember
             remembered = RememberedPeer(url, card.node_id, source, now)
             async with self._db:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
