@@ -367,7 +367,7 @@ async def _peers(args: argparse.Namespace) -> int:
         seen = f"{(now_ms - peer['last_seen_ms']) / 1000:.0f}"
         experts = ", ".join(peer["experts"])
         reach = peer.get("reach") or {"kind": "direct"}
-        how = "direct" if reach["kind"] == "direct" else f"relayed via {reach.get('via') or reach.get('via_url')}"
+        how = "direct" if reach["kind"] == "direct" else f"{reach['kind']} via {reach.get('via') or reach.get('via_url')}"
         sys.stdout.write(
             f"{peer['id']:<22} {'yes' if peer['alive'] else 'no':<6} {rtt:>7} {seen:>10}  {how:<30} {peer['url']:<28} {experts}\n"
         )

@@ -15,7 +15,7 @@ import msgpack
 from peers import auth
 from peers.identity import NodeIdentity, node_id_from_public_key
 from peers.relay import RelayedAddress, parse_relayed_url
-from peers.relay_client import RelayErrors, nonce_headers, open_verified
+from peers.relay_client import RelayErrors, post_sealed
 from peers.wire import (
     CONTENT_TYPE,
     CardSubmission,
@@ -107,18 +107,15 @@ class PeerClient:
             raise PeerUnauthentic(f"{url}: {exc.message}") from exc
 
     async def _post(self, url: str, route: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout):
-        """POST to a peer route; through a relay, only a reply the node signed end to end is read (peers/relay_client)."""
+        """POST to a peer route; through a relay, encrypted for the node and only its signed reply read (peers/relay_client)."""
         relayed = parse_relayed_url(url)
-        if relayed is not None:
-            nonce, nonce_header = nonce_headers()
-            headers = {**headers, **nonce_header}
-        response = await self._session.post(
-            f"{url.rstrip('/')}{PEER_PATH}/{route}", data=body, headers=headers, timeout=timeout, allow_redirects=False
-        )
         if relayed is None:
-            return response
+            return await self._session.post(
+                f"{url.rstrip('/')}{PEER_PATH}/{route}", data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
         # A reply that fails verification is the relay's doing, not the node's: a broken path, like a cut connection.
-        return await open_verified(response, relayed, nonce, route, body, RelayErrors(PeerUnreachable, PeerUnreachable))
+        errors = RelayErrors(PeerUnreachable, PeerUnreachable)
+        return await post_sealed(self._session, url, relayed, route, body, headers, timeout, errors)
 
     def _reply_key(
         self, url: str, response, nonce: str, body: bytes | None, expected_key: bytes | None

@@ -204,3 +204,27 @@ def newer_than(directory: Directory, theirs: Mapping[str, int], policy: Director
     newer = [e for n, e in directory.entries.items() if theirs.get(n, -1) < e.version]
     newer.sort(key=lambda e: (-e.version, e.node_id))
     return [CardNews(e.node_id, e.version, e.card) for e in newer[: policy.max_cards_per_message]]
+
+
+def hello_set(
+    self_id: str,
+    candidates: list[str],
+    max_neighbours: int,
+    *,
+    active: list[str] = (),  # type: ignore[assignment]
+    max_active: int = 8,
+    bootstrap: list[str] = (),  # type: ignore[assignment]
+    alive_count: int | None = None,
+) -> set[str]:
+    """The nodes a node hellos: `max_neighbours` by rendezvous, plus up to `max_active` it talks to for routing.
+
+    `candidates` are the nodes it could pick (known and not failing); `bootstrap` nodes (configured
+    or found on the LAN) are helloed as well only while fewer than `max_neighbours` peers are alive,
+    so one public node everybody joins through is not helloed by the whole network for ever.
+    """
+    chosen = set(rendezvous_neighbours(self_id, candidates, max_neighbours))
+    chosen.update(list(active)[:max_active])
+    if alive_count is not None and alive_count < max_neighbours:
+        chosen.update(bootstrap)
+    chosen.discard(self_id)
+    return chosen

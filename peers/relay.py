@@ -7,18 +7,31 @@ into envelopes, each signed by the home node's Ed25519 key over the requester's 
 the digest of the request as the home node received it, its sequence number and its bytes.
 So the relay cannot alter, inject, reorder, drop (undetected) or replay reply bytes, cannot
 alter the request unnoticed, and cannot pose as the home node, whose id is in the address.
+
+Nor can it read them: the requester first fetches the home node's X25519 key (route
+`relay-key`, in an envelope signed by the home node's Ed25519 key), then seals each request
+(route `sealed`) for it with a fresh X25519 key of its own: route, headers and body are
+encrypted with ChaCha20-Poly1305 under a key from HKDF over the shared secret and the nonce,
+and every reply envelope's status and bytes under a second key, numbered by the envelope's
+sequence. The relay sees which node is asked, when, and how many bytes go each way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from peers.identity import (
     PUBLIC_KEY_BYTES,
@@ -42,7 +55,16 @@ MAX_TUNNEL_MESSAGE_BYTES = (256 << 10) + 4096
 # Request headers a relay passes on to the home node; everything else stays at the relay.
 FORWARDED_HEADER_PREFIX = "x-expertmesh-"
 
+KEY_ROUTE = "relay-key"  # the home node's X25519 key, signed, in the clear
+SEALED_ROUTE = "sealed"  # an encrypted request: the real route is inside
+E2E_KEY_HEADER = "X-Expertmesh-E2E-Key"  # the requester's fresh X25519 public key (hex)
+X25519_BYTES = 32
+_AEAD_OVERHEAD = 16
+_STATUS = struct.Struct(">HI")  # status, retry_after_s: inside the encryption
+
 _ENVELOPE_DOMAIN = b"expertmesh-relay-envelope-1"
+_E2E_DOMAIN = b"expertmesh-relay-e2e-1"
+_X25519_DERIVE = b"expertmesh-relay-x25519-1"
 _TUNNEL_DOMAIN = b"expertmesh-relay-tunnel-1"
 _NODE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
@@ -118,23 +140,30 @@ def _envelope_bytes(node_id: str, nonce: bytes, digest: bytes, env: Envelope) ->
 class EnvelopeSealer:
     """The home node's side: cuts one reply into signed envelopes."""
 
-    def __init__(self, identity: NodeIdentity, nonce: bytes, digest: bytes) -> None:
+    def __init__(self, identity: NodeIdentity, nonce: bytes, digest: bytes, *, cipher: ChaCha20Poly1305 | None = None) -> None:
         self._identity = identity
         self._nonce = nonce
         self._digest = digest
+        self._cipher = cipher  # set for a sealed request: status and bytes travel encrypted
         self._seq = 0
 
     def seal(self, data: bytes = b"", *, status: int = 0, retry_after_s: int = 0, end: bool = False) -> list[bytes]:
         """Encoded envelopes for `data` (split at the size cap); the first one ever carries the key."""
-        pieces = [data[i : i + MAX_ENVELOPE_DATA] for i in range(0, len(data), MAX_ENVELOPE_DATA)] or [b""]
+        size = MAX_ENVELOPE_DATA - (_STATUS.size + _AEAD_OVERHEAD if self._cipher else 0)
+        pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
         out = []
         for index, piece in enumerate(pieces):
             last = index == len(pieces) - 1
+            piece_status = status if index == 0 else 0
+            piece_retry = retry_after_s if index == 0 else 0
+            if self._cipher is not None:
+                plain = _STATUS.pack(piece_status, piece_retry) + piece
+                piece, piece_status, piece_retry = self._cipher.encrypt(_seq_nonce(self._seq), plain, None), 0, 0
             unsigned = Envelope(
                 seq=self._seq,
                 data=piece,
-                status=status if index == 0 else 0,
-                retry_after_s=retry_after_s if index == 0 else 0,
+                status=piece_status,
+                retry_after_s=piece_retry,
                 end=end and last,
                 public_key=self._identity.public_key_raw if self._seq == 0 else b"",
             )
@@ -158,10 +187,11 @@ class Opened:
 class EnvelopeOpener:
     """The requester's side: verifies envelopes of one relayed reply, in order, against the node id asked for."""
 
-    def __init__(self, node_id: str, nonce: bytes, digest: bytes) -> None:
+    def __init__(self, node_id: str, nonce: bytes, digest: bytes, *, cipher: ChaCha20Poly1305 | None = None) -> None:
         self._node_id = node_id
         self._nonce = nonce
         self._digest = digest
+        self._cipher = cipher
         self._public_key: bytes | None = None
         self._next_seq = 0
         self.ended = False
@@ -186,9 +216,91 @@ class EnvelopeOpener:
             self._public_key = env.public_key
         if not verify_signature(self._public_key, _envelope_bytes(self._node_id, self._nonce, self._digest, env), env.signature):
             raise RelayForgery(f"envelope {env.seq} does not verify against node {self._node_id}'s key")
+        data, status, retry_after_s = env.data, env.status, env.retry_after_s
+        if self._cipher is not None:
+            try:
+                plain = self._cipher.decrypt(_seq_nonce(env.seq), env.data, None)
+            except InvalidTag as exc:  # signed by the node, yet not for our key: nothing a relay could cause
+                raise RelayForgery(f"envelope {env.seq} does not decrypt") from exc
+            if len(plain) < _STATUS.size:
+                raise RelayForgery(f"envelope {env.seq} is too short")
+            (status, retry_after_s), data = _STATUS.unpack_from(plain), plain[_STATUS.size :]
         self._next_seq += 1
         self.ended = env.end
-        return Opened(env.seq, env.data, env.status, env.retry_after_s, env.end)
+        return Opened(env.seq, data, status, retry_after_s, env.end)
+
+
+# ---- end-to-end encryption ------------------------------------------------------------
+
+
+def _seq_nonce(seq: int) -> bytes:
+    return seq.to_bytes(12, "big")
+
+
+def home_e2e_key(identity: NodeIdentity) -> X25519PrivateKey:
+    """The home node's X25519 key, derived from its Ed25519 key (deterministic signatures): stable across restarts."""
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(identity.sign(_X25519_DERIVE)).digest())
+
+
+def _session_keys(shared: bytes, nonce: bytes, requester_pub: bytes, home_pub: bytes, node_id: str) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305]:
+    """(request cipher, reply cipher) for one sealed request."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=64, salt=nonce, info=_E2E_DOMAIN + requester_pub + home_pub + node_id.encode()
+    ).derive(shared)
+    return ChaCha20Poly1305(okm[:32]), ChaCha20Poly1305(okm[32:])
+
+
+@dataclass(frozen=True)
+class SealedRequest:
+    """What a requester sends through the relay, and the cipher its reply arrives under."""
+
+    body: bytes  # the encrypted request
+    requester_key: bytes  # fresh X25519 public key, sent in E2E_KEY_HEADER
+    reply_cipher: ChaCha20Poly1305
+
+
+def seal_request(
+    node_id: str, home_key: bytes, nonce: bytes, route: str, headers: dict[str, str], body: bytes
+) -> SealedRequest:
+    """Encrypt a peer request (route, headers, body) for the home node's X25519 key."""
+    if len(home_key) != X25519_BYTES:
+        raise WireError(502, "the home node's end-to-end key has the wrong size")
+    ephemeral = X25519PrivateKey.generate()
+    mine = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(home_key))
+    request_cipher, reply_cipher = _session_keys(shared, nonce, mine, home_key, node_id)
+    flat = [item for pair in headers.items() for item in pair]
+    plain = msgpack.packb([route, flat, body], use_bin_type=True)
+    return SealedRequest(request_cipher.encrypt(_seq_nonce(0), plain, _E2E_DOMAIN), mine, reply_cipher)
+
+
+@dataclass(frozen=True)
+class UnsealedRequest:
+    """A sealed request as the home node reads it."""
+
+    route: str
+    headers: tuple[str, ...]
+    body: bytes
+    reply_cipher: ChaCha20Poly1305
+
+
+def open_request(identity: NodeIdentity, nonce: bytes, requester_key: bytes, body: bytes) -> UnsealedRequest:
+    """The home node's side of seal_request; WireError(400) when it does not decrypt or parse."""
+    home = home_e2e_key(identity)
+    try:
+        shared = home.exchange(X25519PublicKey.from_public_bytes(requester_key))
+    except ValueError as exc:
+        raise WireError(400, "bad end-to-end key") from exc
+    home_pub = home.public_key().public_bytes_raw()
+    request_cipher, reply_cipher = _session_keys(shared, nonce, requester_key, home_pub, identity.node_id)
+    try:
+        plain = request_cipher.decrypt(_seq_nonce(0), body, _E2E_DOMAIN)
+        route, flat, inner = msgpack.unpackb(plain, raw=False, max_bin_len=MAX_TUNNEL_MESSAGE_BYTES)
+    except (InvalidTag, ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise WireError(400, "the sealed request does not decrypt") from exc
+    if not isinstance(route, str) or not isinstance(inner, bytes) or not isinstance(flat, list) or not all(isinstance(h, str) for h in flat):
+        raise WireError(400, "the sealed request is malformed")
+    return UnsealedRequest(route, tuple(flat[:64]), inner, reply_cipher)
 
 
 # ---- tunnel messages (relay <-> home node, over one WebSocket) ------------------------
@@ -220,6 +332,7 @@ class TunnelReady(WireMessage):
     url: str = _wire(min_len=1, max_len=200)
     max_streams: int = _wire(min_value=0)
     max_bytes_per_s: int = _wire(min_value=0)
+    observed_ip: str = _wire("", max_len=64)  # the home node's address as the relay sees it (for hole punching)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,32 @@
-"""The requester's side of a relayed call: a fresh nonce out, only verified envelope bytes back in."""
+"""The requester's side of a relayed call: sealed for the home node's key, a fresh nonce out, only verified bytes back in."""
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import aiohttp
 
-from peers.relay import NONCE_BYTES, NONCE_HEADER, EnvelopeOpener, RelayedAddress, RelayForgery, request_digest
+from peers.relay import (
+    E2E_KEY_HEADER,
+    KEY_ROUTE,
+    NONCE_BYTES,
+    NONCE_HEADER,
+    SEALED_ROUTE,
+    X25519_BYTES,
+    EnvelopeOpener,
+    RelayedAddress,
+    RelayForgery,
+    request_digest,
+    seal_request,
+)
 from peers.wire import WireError
+
+_PEER_PATH = "/peer/v1"
+_MAX_KEYS = 4096
+# Home nodes' X25519 keys, each proven by the node's own signature; derived from its node key, so they never go stale.
+_home_keys: OrderedDict[str, bytes] = OrderedDict()
 
 
 class VerifiedReply:
@@ -92,6 +110,59 @@ def nonce_headers() -> tuple[bytes, dict[str, str]]:
     """A fresh nonce and the header that carries it."""
     nonce = os.urandom(NONCE_BYTES)
     return nonce, {NONCE_HEADER: nonce.hex()}
+
+
+async def _home_key(session: aiohttp.ClientSession, url: str, address: RelayedAddress, timeout, errors):
+    """The home node's X25519 key, fetched once through the relay and checked against the node's signature.
+
+    The relay's own refusal (busy, no tunnel) comes back as its raw response, for the caller to report.
+    """
+    key = _home_keys.get(address.node_id)
+    if key is not None:
+        _home_keys.move_to_end(address.node_id)
+        return key
+    nonce, header = nonce_headers()
+    raw = await session.post(f"{url.rstrip('/')}{_PEER_PATH}/{KEY_ROUTE}", data=b"", headers=header, timeout=timeout, allow_redirects=False)
+    if raw.status != 200:
+        return raw
+    try:
+        reply = await open_verified(raw, address, nonce, KEY_ROUTE, b"", errors)
+        if reply.status != 200:
+            raise errors.unreachable(f"{url}: the relay gave no end-to-end key (status {reply.status})")
+        key = b"".join([chunk async for chunk in reply.iter_chunked(64)])
+    finally:
+        raw.close()
+    if len(key) != X25519_BYTES:
+        raise errors.protocol(f"{url}: the home node's end-to-end key has {len(key)} bytes")
+    _home_keys[address.node_id] = key
+    while len(_home_keys) > _MAX_KEYS:
+        _home_keys.popitem(last=False)
+    return key
+
+
+async def post_sealed(
+    session: aiohttp.ClientSession, url: str, address: RelayedAddress, route: str, body: bytes, headers: dict[str, str], timeout, errors: RelayErrors
+):
+    """POST a peer request through a relay, encrypted for the home node; its reply verified and decrypted."""
+    key = await _home_key(session, url, address, timeout, errors)
+    if not isinstance(key, bytes):
+        return key
+    nonce, nonce_header = nonce_headers()
+    sealed = seal_request(address.node_id, key, nonce, route, headers, body)
+    raw = await session.post(
+        f"{url.rstrip('/')}{_PEER_PATH}/{SEALED_ROUTE}", data=sealed.body, timeout=timeout, allow_redirects=False,
+        headers={"Content-Type": "application/octet-stream", **nonce_header, E2E_KEY_HEADER: sealed.requester_key.hex()},
+    )
+    if raw.status != 200:
+        return raw
+    opener = EnvelopeOpener(address.node_id, nonce, request_digest(SEALED_ROUTE, sealed.body), cipher=sealed.reply_cipher)
+    reply = VerifiedReply(raw, opener, errors)
+    try:
+        await reply._first()
+    except BaseException:
+        raw.close()
+        raise
+    return reply
 
 
 async def open_verified(

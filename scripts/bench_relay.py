@@ -33,10 +33,12 @@ log = logging.getLogger("bench_relay")
 TOKEN = " token"  # a typical short piece of text per frame
 
 
-def _home(tokens: int, sent: list[int], interval_s: float) -> web.Application:
+def _home(tokens: int, sent: list[int], interval_s: float, identity: NodeIdentity) -> web.Application:
+    """A stand-in peer API behind the node's own peer guard: requests checked, replies signed, as at a real node."""
+    from node.http.peer_guard import peer_guard_middleware, stream_reply_headers
+
     async def generate(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "application/msgpack"})
+        response = web.StreamResponse(headers={"Content-Type": "application/msgpack", **stream_reply_headers(request)})
         await response.prepare(request)
         for _ in range(tokens):
             frame = encode(GenerateFrame(kind="delta", text=TOKEN))
@@ -47,7 +49,7 @@ def _home(tokens: int, sent: list[int], interval_s: float) -> web.Application:
         await response.write(encode(GenerateFrame(kind="done", finish_reason="length", completion_tokens=tokens)))
         return response
 
-    app = web.Application()
+    app = web.Application(middlewares=[peer_guard_middleware(lambda _app: identity, None)])
     app.router.add_post(f"{PEER_PATH}/generate", generate)
     return app
 
@@ -78,7 +80,8 @@ async def _stream(client: PeerClient, url: str) -> tuple[float, float, int]:
 async def main(tokens: int, rounds: int, interval_s: float) -> None:
     sent = [0]
     with tempfile.TemporaryDirectory() as tmp:
-        home_runner, home_url = await _serve(_home(tokens, sent, interval_s))
+        home = NodeIdentity.generate()
+        home_runner, home_url = await _serve(_home(tokens, sent, interval_s, home))
         relay = RelayServer(Settings(data_dir=Path(tmp), relay=True, relay_open=True, relay_max_bytes_per_s=1e12),
                             NodeIdentity.generate(), Admissions(Path(tmp)))
         relay_app = web.Application()
@@ -87,7 +90,7 @@ async def main(tokens: int, rounds: int, interval_s: float) -> None:
         relay_runner, relay_url = await _serve(relay_app)
         network = SimpleNamespace(urls=())
         async with aiohttp.ClientSession() as link_session, aiohttp.ClientSession() as session:
-            links = RelayLinks(Settings(data_dir=Path(tmp) / "home", relays=(relay_url,)), NodeIdentity.generate(), link_session, network)
+            links = RelayLinks(Settings(data_dir=Path(tmp) / "home", relays=(relay_url,)), home, link_session, network)
             await links.start(home_url)
             while not network.urls:
                 await asyncio.sleep(0.01)

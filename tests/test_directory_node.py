@@ -72,3 +72,44 @@ async def test_cards_travel_along_a_chain_and_forgeries_do_not() -> None:
             assert response.status == 400
     for runner in runners:
         await runner.cleanup()
+
+
+async def test_anti_entropy_repairs_what_rumours_missed_and_costs_one_exchange_when_in_sync() -> None:
+    from node.mesh.directory import _sync_route
+    from peers import directory as pure
+
+    a_id, b_id = NodeIdentity.generate(), NodeIdentity.generate()
+    others = [NodeIdentity.generate() for _ in range(5)]
+    services, urls, runners = {}, {}, []
+    async with aiohttp.ClientSession() as session:
+        for identity in (a_id, b_id):
+            box: list[str] = []
+            service = DirectoryService(identity.node_id, _card_maker(identity, box), lambda: {}, session)
+            app = web.Application(middlewares=[error_middleware])
+            app[directory_key] = service
+            app.router.add_post(f"{PEER_PATH}/gossip-sync", _sync_route)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runners.append(runner)
+            urls[identity.node_id] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            box.append(urls[identity.node_id])
+            services[identity.node_id] = service
+        a, b = services[a_id.node_id], services[b_id.node_id]
+        learned: list[str] = []
+        b.on_card = lambda card: learned.append(card.node_id)
+        # A holds five cards that are no longer news (rumours about them died out before reaching B).
+        entries = {}
+        for other in others:
+            signed = _card_maker(other, ["http://127.0.0.1:1"])()
+            entries[other.node_id] = pure.Entry(other.node_id, signed.card.issued_ms, encode(signed))
+        a.state = pure.make_directory(a_id.node_id, entries)
+        a.issue_own()
+        b.issue_own()
+        assert await a.sync_once(urls[b_id.node_id]) == 1  # A gained B's card
+        assert set(b.state.entries) == {a_id.node_id, b_id.node_id, *(o.node_id for o in others)}
+        assert sorted(learned) == sorted([a_id.node_id, *(o.node_id for o in others)])
+        assert pure.directory_digest(a.state) == pure.directory_digest(b.state)
+        assert await a.sync_once(urls[b_id.node_id]) == 0
+    for runner in runners:
+        await runner.cleanup()

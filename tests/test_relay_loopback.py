@@ -125,6 +125,7 @@ async def test_the_relay_limits_streams(mesh) -> None:
     async def slow_call():
         return [f async for f in mesh.client.generate(mesh.url, _request())]
 
+    assert await _texts(mesh.client, mesh.url) == TOKENS  # the home node's end-to-end key is known from here on
     # Two streams in flight fill the relay (max 2); a third is told to come back later.
     tasks = [asyncio.create_task(slow_call()) for _ in range(2)]
     for _ in range(100):
@@ -176,8 +177,16 @@ async def _mitm(upstream: str, rewrite) -> tuple[web.AppRunner, str]:
     return await _serve(app)
 
 
+def _flip_middle(data: bytes, request: web.Request) -> bytes:
+    """Alter one byte in the middle of a sealed reply (the tokens are encrypted: a relay can only flip bits)."""
+    if not request.path.endswith("/sealed") or not data:
+        return data
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+
 async def test_a_relay_that_alters_a_token_is_caught(mesh) -> None:
-    runner, evil = await _mitm(mesh.relay_url, lambda data, _r: data.replace(b"France", b"Russia"))
+    runner, evil = await _mitm(mesh.relay_url, _flip_middle)
     try:
         url = mesh.url.replace(mesh.relay_url, evil)
         with pytest.raises(PeerUnreachable, match="end-to-end"):
@@ -259,3 +268,47 @@ async def test_a_relay_refuses_a_node_it_never_admitted(tmp_path: Path, caplog: 
         await wait_until(lambda: network.urls == (), "the relayed address to go", timeout_s=6.0)
         await links.close()
     await runner.cleanup()
+
+
+async def test_a_relay_cannot_read_the_prompt_or_the_tokens(mesh, monkeypatch) -> None:
+    """Every byte the relay handles, both sides (requester and tunnel), is scanned for the plaintext."""
+    import node.mesh.relay as relay_module
+
+    seen: list[bytes] = []
+    real_decode, real_send = relay_module.decode_tunnel, relay_module._Tunnel.send
+
+    def decode_tunnel(data, allowed):
+        seen.append(bytes(data))  # what the home node sends the relay
+        return real_decode(data, allowed)
+
+    async def send(self, message) -> None:
+        seen.append(encode(message))  # what the relay sends the home node
+        await real_send(self, message)
+
+    monkeypatch.setattr(relay_module, "decode_tunnel", decode_tunnel)
+    monkeypatch.setattr(relay_module._Tunnel, "send", send)
+
+    def record(data: bytes, request: web.Request) -> bytes:
+        seen.append(data)
+        return data
+
+    runner, watched = await _mitm(mesh.relay_url, record)
+    original = web.Request.read
+    at_home: list[bytes] = []
+
+    async def read(self):  # the requester's bytes as the watching relay receives them (and, apart, the home's)
+        body = await original(self)
+        (seen if RELAY_PREFIX in self.path else at_home).append(body)
+        return body
+
+    monkeypatch.setattr(web.Request, "read", read)
+    try:
+        assert await _texts(mesh.client, mesh.url.replace(mesh.relay_url, watched)) == TOKENS
+    finally:
+        await runner.cleanup()
+    blob = b"".join(seen)
+    assert len(blob) > 1000 and any(b"tunnel_data" in chunk for chunk in seen)
+    for secret in (b"capital of France", b"Paris", b"France", b"capital", b"delta"):
+        assert secret not in blob, secret
+    # The same scan finds the prompt where it is plaintext: at the home node's own peer API.
+    assert b"capital of France" in b"".join(at_home)

@@ -214,3 +214,30 @@ def test_a_bad_invite_at_start_is_a_clear_error(
     assert cli.main(["start", "--data-dir", str(tmp_path), "--join", expired]) == 2
     stderr = capsys.readouterr().err
     assert "expired" in stderr, stderr
+
+
+def test_a_sealed_request_and_its_reply_are_readable_only_at_the_two_ends() -> None:
+    from peers.relay import home_e2e_key, open_request, seal_request
+
+    home_key = home_e2e_key(HOME).public_key().public_bytes_raw()
+    assert home_e2e_key(HOME).public_key().public_bytes_raw() == home_key  # stable: derived from the node key
+    sealed = seal_request(HOME.node_id, home_key, NONCE, "generate", {"X-Expertmesh-Node": "me"}, b"the secret prompt")
+    assert b"secret" not in sealed.body and b"generate" not in sealed.body
+    inner = open_request(HOME, NONCE, sealed.requester_key, sealed.body)
+    assert (inner.route, inner.headers, inner.body) == ("generate", ("X-Expertmesh-Node", "me"), b"the secret prompt")
+    # The relay holds no key that opens it, and a request altered on the way does not open either.
+    with pytest.raises(WireError):
+        open_request(RELAY, NONCE, sealed.requester_key, sealed.body)
+    with pytest.raises(WireError):
+        open_request(HOME, NONCE, sealed.requester_key, sealed.body[:-1] + bytes([sealed.body[-1] ^ 1]))
+    digest = request_digest("sealed", sealed.body)
+    envelopes = EnvelopeSealer(HOME, NONCE, digest, cipher=inner.reply_cipher).seal(
+        encode(GenerateFrame(kind="delta", text="Paris")), status=200, end=True
+    )
+    assert b"Paris" not in b"".join(envelopes)
+    opened = list(EnvelopeOpener(HOME.node_id, NONCE, digest, cipher=sealed.reply_cipher).feed(envelopes[0]))
+    assert opened[0].status == 200 and _texts(opened[0].data) == ["Paris"]
+    # Opened with another session's key (say, a replay into a new request), it fails.
+    other = seal_request(HOME.node_id, home_key, NONCE, "generate", {}, b"x")
+    with pytest.raises(RelayForgery, match="decrypt"):
+        list(EnvelopeOpener(HOME.node_id, NONCE, digest, cipher=other.reply_cipher).feed(envelopes[0]))

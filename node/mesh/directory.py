@@ -1,9 +1,9 @@
 """The node's gossip directory: signed node cards pushed and pulled with neighbours (peers/directory.py).
 
-A first, minimal use of the pure protocol: the node keeps a directory of every node card it
-hears of, gossips it with a neighbour picked from its alive peers, and lists it at
-`GET /v1/directory`. Its peer table still hellos every peer; moving liveness onto the bounded
-neighbour set is the next step (see the README's "Beyond a few hundred peers").
+The node keeps a directory of every node card it hears of, gossips it with a neighbour picked
+from its alive peers, and lists it at `GET /v1/directory`. Every verified card that is news is
+handed to the network (node/mesh/neighbours.py), which hellos only a bounded neighbour set and
+knows everyone else from these cards.
 """
 
 from __future__ import annotations
@@ -25,7 +25,18 @@ from peers import auth
 from peers import directory as pure
 from peers.client import PEER_PATH
 from peers.identity import node_id_from_public_key
-from peers.wire import CONTENT_TYPE, Limit, SignedCard, WireError, WireMessage, _wire, decode, encode, verify_card
+from peers.wire import (
+    CONTENT_TYPE,
+    Limit,
+    NodeCard,
+    SignedCard,
+    WireError,
+    WireMessage,
+    _wire,
+    decode,
+    encode,
+    verify_card,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,39 @@ class GossipReply(WireMessage):
     TYPE: ClassVar[str] = "gossip_reply"
     cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
     known: tuple[str, ...] = _wire((), max_len=32, item=Limit(max_len=64))
+
+
+# Versions ride in a peer request, capped at 256 KiB by the peer guard: about 2,500 nodes' worth;
+# beyond that anti-entropy compares the first 2,500 ids only (rumours still carry every card).
+MAX_SYNC_IDS = 2_500
+MAX_SYNC_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sync(WireMessage):
+    """Anti-entropy: our directory's digest; then (when the partner's differs) our versions and what it lacks."""
+
+    TYPE: ClassVar[str] = "gossip_sync"
+    digest: bytes = _wire(b"", max_len=32)
+    ids: tuple[str, ...] = _wire((), max_len=MAX_SYNC_IDS, item=Limit(max_len=64))
+    versions: tuple[int, ...] = _wire((), max_len=MAX_SYNC_IDS)
+    cards: tuple[bytes, ...] = _wire((), max_len=16, item=Limit(max_len=MAX_CARD_BYTES))
+
+
+@dataclass(frozen=True)
+class SyncReply(WireMessage):
+    """Anti-entropy answer: whether digests match, else our versions (first step) or the cards the asker lacks."""
+
+    TYPE: ClassVar[str] = "gossip_sync_reply"
+    same: bool = False
+    ids: tuple[str, ...] = _wire((), max_len=MAX_SYNC_IDS, item=Limit(max_len=64))
+    versions: tuple[int, ...] = _wire((), max_len=MAX_SYNC_IDS)
+    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
+
+
+def _versions(directory: pure.Directory) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    items = sorted(pure.versions(directory).items())[:MAX_SYNC_IDS]
+    return tuple(n for n, _ in items), tuple(v for _, v in items)
 
 
 def _verify(news: pure.CardNews) -> bool:
@@ -94,6 +138,21 @@ class DirectoryService:
         self._rng = rng or random.Random()
         self._task: asyncio.Task | None = None
         self.rounds = 0
+        self.repairs = 0  # cards that arrived by anti-entropy, not by rumour
+        self._offset = self._rng.randrange(self.policy.anti_entropy_every)  # nodes compare digests at different rounds
+        # Told of every verified card that was news here (the network's neighbour choice and routing use them).
+        self.on_card: Callable[[NodeCard], None] = lambda _card: None
+
+    def _receive(self, news: list[pure.CardNews]) -> tuple[list[str], int]:
+        """Merge gossiped cards; hand each one that was news on; (the ids we already had, how many were news)."""
+        self.state, known = pure.receive(self.state, news, self.policy, _verify)
+        gained = 0
+        for item in news:
+            entry = self.state.entries.get(item.node_id)
+            if entry is not None and entry.version == item.version and entry.card is item.card and item.node_id not in known:
+                gained += 1
+                self.on_card(decode(item.card, SignedCard, max_bytes=MAX_CARD_BYTES).card)
+        return known, gained
 
     def issue_own(self) -> None:
         """Put our current card in the directory as news."""
@@ -104,8 +163,44 @@ class DirectoryService:
         """A neighbour pushed: merge, answer with our hot cards and what we already had."""
         pull = pure.outgoing(self.state, self.policy)
         news = [n for n in (_news(c) for c in message.cards) if n is not None]
-        self.state, known = pure.receive(self.state, news, self.policy, _verify)
+        known, _ = self._receive(news)
         return GossipReply(cards=tuple(n.card for n in pull), known=tuple(known))
+
+    def on_sync(self, message: Sync) -> SyncReply:
+        """Anti-entropy from a neighbour: equal digests end it; else versions, then the cards it lacks."""
+        if message.digest == pure.directory_digest(self.state) and not message.ids:
+            return SyncReply(same=True)
+        if not message.ids:
+            ids, versions = _versions(self.state)
+            return SyncReply(same=False, ids=ids, versions=versions)
+        self.repairs += self._receive([n for n in (_news(c) for c in message.cards) if n is not None])[1]
+        theirs = dict(zip(message.ids, message.versions, strict=False))
+        return SyncReply(cards=tuple(n.card for n in pure.newer_than(self.state, theirs, self.policy)))
+
+    async def _post(self, url: str, route: str, message: WireMessage, reply: type[WireMessage], cap: int):
+        body = encode(message)
+        async with self._session.post(
+            f"{url.rstrip('/')}{PEER_PATH}/{route}", data=body,
+            headers={"Content-Type": CONTENT_TYPE, **self._sign(f"{PEER_PATH}/{route}", body)},
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as response:
+            if response.status != 200:
+                raise WireError(response.status, f"{route} refused")
+            return decode(await response.content.read(cap + 1), reply, max_bytes=cap)
+
+    async def sync_once(self, url: str) -> int:
+        """Anti-entropy with the neighbour at `url`: digests, then versions and cards both ways; cards gained."""
+        first = await self._post(url, "gossip-sync", Sync(digest=pure.directory_digest(self.state)), SyncReply, MAX_SYNC_BYTES)
+        if first.same:
+            return 0
+        theirs = dict(zip(first.ids, first.versions, strict=False))
+        for_partner = pure.newer_than(self.state, theirs, self.policy)
+        ids, versions = _versions(self.state)
+        message = Sync(digest=pure.directory_digest(self.state), ids=ids, versions=versions, cards=tuple(n.card for n in for_partner))
+        second = await self._post(url, "gossip-sync", message, SyncReply, MAX_SYNC_BYTES)
+        gained = self._receive([n for n in (_news(c) for c in second.cards) if n is not None])[1]
+        self.repairs += gained
+        return gained
 
     async def gossip_once(self) -> bool:
         """One round: push-pull with a neighbour among the alive peers; False when there was none."""
@@ -128,9 +223,15 @@ class DirectoryService:
         except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
             log.debug("gossip with %s failed: %s", partner, exc)
             return False
-        news = [n for n in (_news(c) for c in reply.cards) if n is not None]
-        self.state, _ = pure.receive(self.state, news, self.policy, _verify)
+        self._receive([n for n in (_news(c) for c in reply.cards) if n is not None])
         self.state = pure.feedback(self.state, push, list(reply.known), self.policy)
+        if (self.rounds + self._offset) % self.policy.anti_entropy_every == 0:
+            # Rumours can die out before reaching everyone: now and then compare whole directories (peers/directory.py).
+            other = self._rng.choice(chosen)
+            try:
+                await self.sync_once(partners[other])
+            except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
+                log.debug("anti-entropy with %s failed: %s", other, exc)
         return True
 
     async def run(self) -> None:
@@ -180,6 +281,7 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
             return auth.sign_request(identity, "POST", path, body, secret=secret)
 
         service = DirectoryService(network.node_id, network.signed_card, partners, session, sign=sign)
+        service.on_card = network.neighbours.card_learned
         app[directory_key] = service
         try:
             yield
@@ -198,6 +300,17 @@ async def _gossip_route(request: web.Request) -> web.Response:
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
+async def _sync_route(request: web.Request) -> web.Response:
+    """`POST /peer/v1/gossip-sync`: anti-entropy between neighbours (digest, versions, missing cards)."""
+    body = await peer_body(request, MAX_SYNC_BYTES)
+    try:
+        message = decode(body, Sync, max_bytes=MAX_SYNC_BYTES)
+    except WireError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    reply = request.app[directory_key].on_sync(message)
+    return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
+
+
 async def _listing(request: web.Request) -> web.Response:
     """`GET /v1/directory`: the node cards this node has heard of by gossip (and its own)."""
     service = request.app[directory_key]
@@ -207,4 +320,5 @@ async def _listing(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Mount the gossip route and the listing."""
     app.router.add_post(f"{PEER_PATH}/gossip", _gossip_route)
+    app.router.add_post(f"{PEER_PATH}/gossip-sync", _sync_route)
     app.router.add_get("/v1/directory", _listing)

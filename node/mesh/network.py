@@ -7,13 +7,16 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
 
 from node.config import Settings
 from node.errors import Forbidden
 from node.http.access import is_loopback_host
+from node.mesh.neighbours import Neighbours
+from node.mesh.neighbours import alive_peers as routable_peers
 from node.mesh.peer_store import PeerStore, RememberedPeer
+from node.mesh.punch import PUNCHED
 from node.serving.experts import ExpertPool
 from peers import table as peer_table
 from peers.addresses import dialable_origin
@@ -99,12 +102,16 @@ class Network:
         self.on_peer_learning: Callable[[str, bytes], object] = lambda _node_id, _data: None
         # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
         self.is_refused: Callable[[str], bool] = lambda _node_id: False
+        # Set by the relay module: try a hole-punched path to a peer reached through a relay.
+        self.try_punch: Callable[[str], None] = lambda _url: None
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
             hello_interval_ms=int(settings.hello_interval_s * 1000),
         )
         self.table = PeerTable(self_id=identity.node_id)
+        # Whom to hello: a bounded neighbour set, the rest known from the directory (node/mesh/neighbours.py).
+        self.neighbours = Neighbours(identity.node_id, self.policy)
         self.urls: tuple[str, ...] = ()
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[str] = set()
@@ -254,6 +261,8 @@ class Network:
             raise Forbidden(f"node {card.node_id} was revoked here")
         if card.node_id != self._identity.node_id:
             known = self.table.peers.get(card.node_id)
+            if known is not None and known.card is not None and known.card.public_key == card.public_key and known.verified:
+                self.neighbours.heard(card.node_id, now)  # it picked us as a neighbour: alive, though we may not hello it
             if known is not None and known.card is not None and known.card.public_key == card.public_key and self.is_verified_peer(card.node_id):
                 # Cards and learning summaries count only from a peer this node's own hello verified.
                 self._peer_card(card)
@@ -272,7 +281,7 @@ class Network:
         peer = self.table.peers.get(node_id)
         return (
             peer is not None
-            and peer_table.is_alive(peer, self._clock_ms(), self.policy)
+            and self.neighbours.routable(peer, self._clock_ms())
             and not self.trust_of(node_id).distrusted
         )
 
@@ -287,7 +296,7 @@ class Network:
 
     def alive_peers(self) -> list[PeerState]:
         """Verified peers heard from recently (revoked ones left out)."""
-        return [p for p in peer_table.alive_peers(self.table, self._clock_ms(), self.policy) if not self.is_refused(p.node_id)]
+        return [p for p in routable_peers(self.table, self.neighbours, self._clock_ms()) if not self.is_refused(p.node_id)]
 
     def learn_address(self, url: str) -> None:
         """Add an address to verify, as if configured (an invite's, joined at run time)."""
@@ -315,6 +324,7 @@ class Network:
 
     def note_good_service(self, node_id: str) -> None:
         """A request served well restores a little trust."""
+        self.neighbours.served(node_id, self._clock_ms())
         if node_id in self.trust:
             self.trust[node_id] = reward(self.trust[node_id])
 
@@ -323,7 +333,9 @@ class Network:
         return self.trust.get(node_id, Trust())
 
     def remote_experts(self) -> list[RemoteExpert]:
-        """Every expert on every alive, trusted peer, nearest peer first."""
+        """Every expert on every alive, trusted peer, nearest peer first (a few directory nodes are probed for next time)."""
+        for node_id in self.neighbours.probes(self.table, self._clock_ms(), self.is_refused):
+            self._probe(node_id)
         peers = sorted(
             (p for p in self.alive_peers() if not self.trust_of(p.node_id).distrusted),
             key=lambda p: (p.rtt_ms is None, p.rtt_ms or 0.0),
@@ -341,7 +353,10 @@ class Network:
         while True:
             now = self._clock_ms()
             self._apply(peer_table.Tick(now))
-            due = peer_table.due_for_hello(self.table, now, self.policy)
+            chosen = self.neighbours.chosen(self.table, now, self.is_refused)
+            for url, node_id in self.neighbours.addresses_to_learn(self.table, chosen, self.dialable):
+                self._apply(peer_table.AddressLearned(url, "exchange", now, node_id))
+            due = self.neighbours.filter_due(peer_table.due_for_hello(self.table, now, self.policy), self.table, chosen, now)
             verified_urls = {p.url for p in self.table.peers.values() if p.verified}
             # Known peers first: their slots are reserved, and their liveness is what users see.
             for url in sorted(due, key=lambda u: u not in verified_urls):
@@ -352,6 +367,16 @@ class Network:
                 if alive:
                     self._spawn(self._exchange(random.choice(alive).url))
             await asyncio.sleep(TICK_S)
+
+    def _probe(self, node_id: str) -> None:
+        """Hello a node known from the directory now, so it is alive for the next routing decision."""
+        peer = self.table.peers.get(node_id)
+        card = peer.card if peer is not None and peer.card is not None else self.neighbours.cards.get(node_id)
+        urls = [peer.url] if peer is not None else [u for u in map(self.dialable, card.addresses[:MAX_ADDRESSES_PER_CARD]) if u] if card else []
+        for url in urls[:1]:
+            if peer is None:
+                self._apply(peer_table.AddressLearned(url, "exchange", self._clock_ms(), node_id))
+            self._hello_soon(url)
 
     def _peer_card(self, card: NodeCard) -> None:
         """Hand a verified peer card to whoever keeps its capability cards."""
@@ -409,6 +434,8 @@ class Network:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
                 # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.
                 self._spawn(self._exchange(url))
+            if url in PUNCHED:
+                return  # a punched path is a loopback port of this run: the relayed address is what to remember
             remembered = RememberedPeer(url, card.node_id, source, now)
             async with self._db:
                 await asyncio.get_running_loop().run_in_executor(None, self._store.remember, remembered)
@@ -421,6 +448,7 @@ class Network:
         if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
             return
         self._direct_tried_ms[card.node_id] = now_ms
+        self.try_punch(url)
         for other in card.addresses[:MAX_ADDRESSES_PER_CARD]:
             target = self.dialable(other)
             if target is not None and not is_relayed(target):

@@ -18,15 +18,19 @@ from node import keys
 from node.config import Settings
 from node.errors import ExpertBusy, InvalidRequest, NotFound, PayloadTooLarge, PeerUnavailable
 from node.mesh.admission import Admissions
+from node.mesh.punch import OBSERVED_HEADER, PUNCH_ROUTE, PUNCHED, PunchedPeer, PunchHome, PunchReply, PunchRequest
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity
 from peers.relay import (
     CONNECT_PATH,
+    E2E_KEY_HEADER,
     FORWARDED_HEADER_PREFIX,
+    KEY_ROUTE,
     MAX_TUNNEL_MESSAGE_BYTES,
     NONCE_BYTES,
     NONCE_HEADER,
     RELAY_PREFIX,
+    SEALED_ROUTE,
     TUNNEL_TO_HOME,
     EnvelopeSealer,
     TunnelAuth,
@@ -37,6 +41,8 @@ from peers.relay import (
     TunnelRequest,
     check_tunnel,
     decode_tunnel,
+    home_e2e_key,
+    open_request,
     parse_relayed_url,
     prove_tunnel,
     relayed_url,
@@ -138,6 +144,7 @@ class RelayServer:
             url=relayed_url(self._public_url(request), node_id),
             max_streams=self._settings.relay_max_streams,
             max_bytes_per_s=int(self._settings.relay_max_bytes_per_s),
+            observed_ip=request.remote or "",
         ))
         log.info("relay: tunnel open for %s (%d tunnels)", node_id, len(self.tunnels))
         try:
@@ -193,8 +200,9 @@ class RelayServer:
             raise InvalidRequest(f"{NONCE_HEADER} must be hex") from exc
         headers: list[str] = []
         for name, value in request.headers.items():
-            if name.lower().startswith(FORWARDED_HEADER_PREFIX) and name.lower() != NONCE_HEADER.lower():
+            if name.lower().startswith(FORWARDED_HEADER_PREFIX) and name.lower() not in (NONCE_HEADER.lower(), OBSERVED_HEADER.lower()):
                 headers += [name, value]
+        headers = [OBSERVED_HEADER, request.remote or ""] + headers  # where the requester is, for hole punching
         await self._budget.spend(len(body))
         stream_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE)
@@ -264,11 +272,14 @@ class RelayLinks:
         self._local_url = ""
         self._direct_urls: tuple[str, ...] = ()
         self.relayed: dict[str, str] = {}  # relay url -> our address there, while the tunnel is up
+        self.public_ip: dict[str, str] = {}  # relay url -> our address as that relay sees it
         self._tasks: set[asyncio.Task] = set()
+        self.punch_home: PunchHome | None = None
 
     async def start(self, local_url: str) -> None:
         """Redeem pending invites, then open a tunnel to every relay (each retried for ever)."""
         self._local_url = local_url.rstrip("/")
+        self.punch_home = PunchHome(self._local_url, self.session)
         self._direct_urls = tuple(self._network.urls)
         for relay in self._relays:
             self._spawn(self._keep_tunnel(relay))
@@ -283,6 +294,8 @@ class RelayLinks:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.punch_home is not None:
+            await self.punch_home.close()
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -325,6 +338,7 @@ class RelayLinks:
                 return False
             ready = decode_tunnel(msg.data, (TunnelReady,))
             self.relayed[relay] = ready.url
+            self.public_ip[relay] = ready.observed_ip
             self._publish()
             log.info("tunnel open to relay %s (node %s): reachable at %s", relay, challenge.relay_node_id, ready.url)
             streams: dict[int, asyncio.Task] = {}
@@ -342,11 +356,11 @@ class RelayLinks:
                     if isinstance(message, TunnelRequest):
                         if len(streams) >= MAX_HOME_STREAMS:
                             # The relay sends more than this node serves at once: a signed "busy", not a queue.
-                            sealer = EnvelopeSealer(self.identity, message.nonce, request_digest(message.route, message.body))
+                            sealer, _inner = self._open(message)
                             for env in sealer.seal(b"", status=429, retry_after_s=1, end=True):
                                 await send(TunnelData(stream_id=message.stream_id, data=env, end=True))
                             continue
-                        task = self._spawn(self._serve(message, send))
+                        task = self._spawn(self._serve(message, send, relay))
                         streams[message.stream_id] = task
                         task.add_done_callback(partial(_forget_stream, streams, message.stream_id))
                     elif isinstance(message, TunnelCancel):
@@ -358,10 +372,44 @@ class RelayLinks:
                     task.cancel()
         return True
 
-    async def _serve(self, request: TunnelRequest, send) -> None:
+    def _open(self, request: TunnelRequest) -> tuple[EnvelopeSealer, TunnelRequest | None]:
+        """The reply's sealer, and the request as sent (decrypted when sealed; None when it does not decrypt)."""
+        digest = request_digest(request.route, request.body)
+        if request.route != SEALED_ROUTE:
+            return EnvelopeSealer(self.identity, request.nonce, digest), request
+        headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
+        key = next((v for k, v in headers.items() if k.lower() == E2E_KEY_HEADER.lower()), "")
+        try:
+            inner = open_request(self.identity, request.nonce, bytes.fromhex(key), request.body)
+        except (WireError, ValueError) as exc:
+            log.info("relayed sealed request refused: %s", exc)
+            return EnvelopeSealer(self.identity, request.nonce, digest), None
+        sealer = EnvelopeSealer(self.identity, request.nonce, digest, cipher=inner.reply_cipher)
+        return sealer, TunnelRequest(stream_id=request.stream_id, route=inner.route, body=inner.body, headers=inner.headers, nonce=request.nonce)
+
+    async def _serve(self, relayed: TunnelRequest, send, relay: str = "") -> None:
         """Run one relayed request against our own peer API and send its reply back sealed."""
-        sid = request.stream_id
-        sealer = EnvelopeSealer(self.identity, request.nonce, request_digest(request.route, request.body))
+        sid = relayed.stream_id
+        if relayed.route == KEY_ROUTE:  # our X25519 key, signed by our node key, for the requester to encrypt to
+            sealer = EnvelopeSealer(self.identity, relayed.nonce, request_digest(relayed.route, relayed.body))
+            for env in sealer.seal(home_e2e_key(self.identity).public_key().public_bytes_raw(), status=200, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
+        sealer, request = self._open(relayed)
+        if request is None:
+            for env in sealer.seal(b"", status=400, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
+        if request.route == PUNCH_ROUTE:  # answered here: our public address and a port, then we connect out
+            outer = {k.lower(): v for k, v in zip(relayed.headers[0::2], relayed.headers[1::2], strict=False)}
+            public_ip = self.public_ip.get(relay, "")
+            # A relay that sees us on loopback shares our host: there is no NAT to punch through.
+            if public_ip.startswith("127.") or public_ip == "::1" or self.punch_home is None:
+                public_ip = ""
+            status, body = self.punch_home.answer(request.body, outer.get(OBSERVED_HEADER.lower(), ""), public_ip) if self.punch_home else (409, b"")
+            for env in sealer.seal(body, status=status, end=True):
+                await send(TunnelData(stream_id=sid, data=env, end=True))
+            return
         headers = dict(zip(request.headers[0::2], request.headers[1::2], strict=False))
         headers = {k: v for k, v in headers.items() if k.lower().startswith(FORWARDED_HEADER_PREFIX)}
         headers["Content-Type"] = CONTENT_TYPE
@@ -413,9 +461,12 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         links = RelayLinks(settings, identity, session, network)
         app[relay_links_key] = links
+        punching = Punching(network, session)
+        network.try_punch = punching.try_punch
         try:
             yield
         finally:
+            await punching.close()
             await links.close()
             for tunnel in list(app[relay_server_key].tunnels.values()):
                 await _quiet(tunnel.ws.close())
@@ -435,9 +486,71 @@ def add_routes(app: web.Application) -> None:
 
 
 def reach_of(network, url: str) -> dict:
-    """How a peer at `url` is reached: direct, or relayed via which node (by its address in our table)."""
-    relayed = parse_relayed_url(url)
+    """How a peer at `url` is reached: direct, hole-punched (set up through which relay) or relayed via which node."""
+    punched = PUNCHED.get(url.rstrip("/"))
+    relayed = parse_relayed_url(punched or url)
     if relayed is None:
         return {"kind": "direct", "via": None, "via_url": None}
     via = next((p.node_id for p in network.table.peers.values() if p.url.rstrip("/") == relayed.relay_url), None)
-    return {"kind": "relayed", "via": via, "via_url": relayed.relay_url}
+    return {"kind": "hole-punched" if punched else "relayed", "via": via, "via_url": relayed.relay_url}
+
+
+class Punching:
+    """The requester's side of hole punching: for a peer reached through a relay, try a punched path now and then."""
+
+    def __init__(self, network, session: aiohttp.ClientSession) -> None:
+        self._network = network
+        self._session = session
+        self._peers: dict[str, PunchedPeer] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def try_punch(self, relayed: str) -> None:
+        """Hello the peer at `relayed` over a punched connection; if that answers, the table moves to it."""
+        task = asyncio.create_task(self._try(relayed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _try(self, relayed: str) -> None:
+        peer = self._peers.get(relayed)
+        if peer is None:
+            peer = self._peers[relayed] = PunchedPeer(relayed, lambda port: self._ask(relayed, port))
+            await peer.start()
+        self._network._hello_soon(peer.url)
+
+    async def _ask(self, relayed: str, port: int) -> PunchReply | None:
+        """Ask the home node, through the relay and sealed, for its address and port to punch to."""
+        from peers.client import PeerUnreachable
+        from peers.relay_client import RelayErrors, post_sealed
+
+        address = parse_relayed_url(relayed)
+        if address is None:
+            return None
+        try:
+            reply = await post_sealed(
+                self._session, relayed, address, PUNCH_ROUTE, encode(PunchRequest(port=port)), {},
+                aiohttp.ClientTimeout(total=10), RelayErrors(PeerUnreachable, PeerUnreachable),
+            )
+            try:
+                if reply.status != 200:
+                    return None
+                data = b"".join([chunk async for chunk in reply.content.iter_chunked(1024)])
+            finally:
+                reply.close()
+            return decode_punch(data)
+        except (TimeoutError, aiohttp.ClientError, OSError, WireError, PeerUnreachable) as exc:
+            log.debug("punch request to %s failed: %s", relayed, exc)
+            return None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for peer in self._peers.values():
+            await peer.close()
+
+
+def decode_punch(data: bytes) -> PunchReply:
+    """A punch reply, bounded."""
+    from peers.wire import decode
+
+    return decode(data, PunchReply, max_bytes=256)

@@ -721,7 +721,7 @@ function stripUndefined(obj) {
 
   function reachText(reach) {
     if (!reach || reach.kind === "direct") return "direct";
-    return "relayed via " + (reach.via || reach.via_url);
+    return reach.kind + " via " + (reach.via || reach.via_url);
   }
 
   async function refreshPeers() {
