@@ -12,10 +12,11 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, ClassVar
+from typing import Annotated, AsyncIterator, Callable, ClassVar
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field
 
 from node import keys
 from node.errors import InvalidRequest
@@ -24,7 +25,7 @@ from peers import auth
 from peers import directory as pure
 from peers.client import PEER_PATH
 from peers.identity import node_id_from_public_key
-from peers.wire import CONTENT_TYPE, Limit, SignedCard, WireError, WireMessage, _wire, decode, encode, verify_card
+from peers.wire import CONTENT_TYPE, Bytes, Items, SignedCard, Str, WireError, WireMessage, decode, encode, verify_card
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Gossip(WireMessage):
     """Push: our hot cards (encoded signed cards)."""
 
     TYPE: ClassVar[str] = "gossip"
-    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(32)] = ()
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class GossipReply(WireMessage):
     """Pull: the partner's hot cards, and which of ours it already had."""
 
     TYPE: ClassVar[str] = "gossip_reply"
-    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
-    known: tuple[str, ...] = _wire((), max_len=32, item=Limit(max_len=64))
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(32)] = ()
+    known: Annotated[tuple[Annotated[Str, Field(max_length=64)], ...], Items(32)] = ()
 
 
 def _verify(news: pure.CardNews) -> bool:
