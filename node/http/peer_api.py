@@ -16,6 +16,7 @@ from node.errors import (
     PayloadTooLarge,
     UpgradeRequired,
 )
+from node.generation import start_generation
 from node.http import api
 from node.http.access import is_loopback_host
 from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
@@ -106,7 +107,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         grammar=forwarded_grammar(message.response_format),
         response_format=message.response_format,
     )
-    generation = api.start_generation(app, expert, prompt_tokens, stops, params)
+    generation = start_generation(app, expert, prompt_tokens, stops, params)
     node_id = app[api.node_info_key].node_id
     events = generation.__aiter__()
     try:
