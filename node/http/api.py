@@ -21,7 +21,7 @@ from node.http.middleware import (  # noqa: F401 - re-exported: the app factory 
     metrics_middleware,
     read_body,
 )
-from node.http.models import AUTO_MODEL, get_model, list_models, resolve_expert, resolve_target  # noqa: F401
+from node.http.models import AUTO_MODEL, get_model, list_models, resolve_expert  # noqa: F401
 from node.http.peers_view import list_peers
 from node.keys import (  # noqa: F401 - re-exported: the app factory and the peer API read state through api
     NodeInfo,

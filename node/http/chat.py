@@ -1,8 +1,7 @@
-"""`/v1/chat/completions` and `/v1/completions`: OpenAI's shapes, streamed or whole."""
+"""`/v1/chat/completions` and `/v1/completions`: OpenAI's shapes in, a pipeline query, OpenAI's shapes out."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -12,20 +11,13 @@ from aiohttp import web
 
 from node.config import Settings
 from node.errors import InvalidRequest, NodeError
-from node.generation import (
-    Generation,
-    decomposed_generation,
-    forward_generation,
-    plan_query,
-    routed_generation,
-    start_generation,
-)
 from node.http.middleware import error_body, read_body
-from node.http.models import AUTO_MODEL, resolve_target
 from node.http.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from node.keys import router_key, settings_key
+from node.keys import pipeline_key, settings_key
+from node.pipeline import Answer, PartServed, Query, served
+from node.pipeline.query import AUTO_MODEL
 from node.routing.router import parse_constraints
-from node.serving.experts import ChatMessage, Delta, Finished, GenerationEvent, GenerationParams
+from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import response_format_grammar
 
 DEFAULT_TEMPERATURE = 0.8  # llama.cpp server's default; OpenAI's 1.0 is too wild for small models
@@ -47,6 +39,28 @@ def generation_params(request: ChatCompletionRequest | CompletionRequest, settin
     )
 
 
+def _decompose_requested(body: ChatCompletionRequest, settings: Settings) -> bool:
+    """The request's `expertmesh.decompose`, else the node's default."""
+    value = (body.expertmesh or {}).get("decompose", settings.decompose_default)
+    if not isinstance(value, bool):
+        raise InvalidRequest("expertmesh.decompose must be true or false", param="expertmesh.decompose")
+    return value
+
+
+def chat_query(body: ChatCompletionRequest, settings: Settings) -> Query:
+    """A chat request as a pipeline query; malformed options are a 400 naming the field."""
+    messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+    params = generation_params(body, settings)
+    constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
+    decompose = _decompose_requested(body, settings) if body.model == AUTO_MODEL else False
+    return Query(body.model, messages, params, constraints, decompose)
+
+
+def text_query(body: CompletionRequest, settings: Settings) -> Query:
+    """A text completion request as a pipeline query: the prompt goes to a local model as it is."""
+    return Query(body.model, body.prompt_text(), generation_params(body, settings))
+
+
 def _usage(finished: Finished) -> dict[str, int]:
     return {
         "prompt_tokens": finished.prompt_tokens,
@@ -60,26 +74,32 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode("utf-8")
 
 
-class _ChunkMaker:
-    """Builds OpenAI stream chunks (chat or text) for one generation."""
+class _Rendering:
+    """What the chunks of one answer say about who answered; a decomposed answer names each part's expert as it starts."""
 
-    def __init__(self, generation: Generation, completion_id: str, created: int, chat: bool) -> None:
-        self._generation = generation
+    def __init__(self, answer: Answer, completion_id: str, created: int, chat: bool) -> None:
+        self.model = answer.expert_id
+        self.provenance: dict[str, Any] = dict(answer.provenance)
         self._id = completion_id
-        self._created = created
+        self.created = created
         self._chat = chat
 
-    def __call__(self, text: str | None, finish_reason: str | None, *, first_chunk: bool = False, usage=None):
-        generation = self._generation
+    def part_served(self, event: PartServed) -> None:
+        """Another part of a decomposed answer has an expert."""
+        self.provenance = served(self.provenance, event)
+        self.model = self.provenance["expert"]
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, first_chunk: bool = False, usage=None) -> dict[str, Any]:
+        """One OpenAI stream chunk (chat or text)."""
         chunk: dict[str, Any] = {
             "id": self._id,
             "object": "chat.completion.chunk" if self._chat else "text_completion",
-            "created": self._created,
-            "model": generation.expert_id,
+            "created": self.created,
+            "model": self.model,
         }
         if self._chat:
             chunk["system_fingerprint"] = None
-        chunk["expertmesh"] = generation.provenance()
+        chunk["expertmesh"] = self.provenance
         if usage is not None:
             chunk["choices"] = []
             chunk["usage"] = usage
@@ -95,121 +115,76 @@ class _ChunkMaker:
         return chunk
 
 
-async def _stream(
-    request: web.Request, generation: Generation, make_chunk: _ChunkMaker, include_usage: bool
-) -> web.StreamResponse:
-    """Send a generation as server-sent events ending with `data: [DONE]`."""
-    events = generation.__aiter__()
+def _headers(expert_id: str, node_id: str) -> dict[str, str]:
+    return {"X-Expertmesh-Expert": expert_id, "X-Expertmesh-Node": node_id}
+
+
+async def _stream(request: web.Request, answer: Answer, rendering: _Rendering, include_usage: bool) -> web.StreamResponse:
+    """Send an answer as server-sent events ending with `data: [DONE]`."""
+    events = answer.events
     try:
-        # Wait for the first event before sending headers, so a failure before any token is a plain HTTP error.
-        first = await events.__anext__()
+        # The answer has started (its first event is ready): a failure before any token was a plain HTTP error.
         response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Expertmesh-Expert": generation.expert_id,
-                "X-Expertmesh-Node": generation.node_id,
-            }
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_headers(answer.expert_id, answer.node_id)}
         )
         await response.prepare(request)
         # The role chunk and the first token leave in one write: one segment, one wake-up for the client.
-        pending = _sse(make_chunk(None, None, first_chunk=True))
-        event: GenerationEvent | None = first
-        while event is not None:
-            if isinstance(event, Delta):
-                await response.write(pending + _sse(make_chunk(event.text, None)))
-                pending = b""
-            else:
-                await response.write(pending + _sse(make_chunk(None, event.finish_reason)))
-                if include_usage:
-                    await response.write(_sse(make_chunk(None, None, usage=_usage(event))))
-                break
+        pending = b""
+        first_chunk = True
+        while True:
             try:
                 event = await events.__anext__()
+            except StopAsyncIteration:
+                break
             except NodeError as exc:
-                await response.write(_sse(error_body(exc.message, exc.error_type, exc.code)))
+                await response.write(pending + _sse(error_body(exc.message, exc.error_type, exc.code)))
+                break
+            if isinstance(event, PartServed):
+                rendering.part_served(event)
+                continue
+            if first_chunk:
+                pending, first_chunk = _sse(rendering.chunk(None, None, first_chunk=True)), False
+            if isinstance(event, Delta):
+                await response.write(pending + _sse(rendering.chunk(event.text, None)))
+                pending = b""
+            else:
+                await response.write(pending + _sse(rendering.chunk(None, event.finish_reason)))
+                if include_usage:
+                    await response.write(_sse(rendering.chunk(None, None, usage=_usage(event))))
                 break
         # Free the expert's slot before the client hears [DONE], so its next request finds it free.
-        await events.aclose()
+        await events.aclose()  # type: ignore[attr-defined]
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response
     finally:
-        await events.aclose()
-
-
-def _headers(generation: Generation) -> dict[str, str]:
-    return {"X-Expertmesh-Expert": generation.expert_id, "X-Expertmesh-Node": generation.node_id}
-
-
-
-def _decompose_requested(body: ChatCompletionRequest, settings: Settings) -> bool:
-    """The request's `expertmesh.decompose`, else the node's default."""
-    value = (body.expertmesh or {}).get("decompose", settings.decompose_default)
-    if not isinstance(value, bool):
-        raise InvalidRequest("expertmesh.decompose must be true or false", param="expertmesh.decompose")
-    return value
-
-
-def _routing_text(messages: list[ChatMessage]) -> str:
-    """What the router reads of a conversation: the last user message."""
-    return next((m.content for m in reversed(messages) if m.role == "user"), messages[-1].content)
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`: routed (`auto`), on a local expert, or forwarded to the peer hosting it."""
-    app = request.app
     body = parse_body(await read_body(request), ChatCompletionRequest)
-    messages = [ChatMessage(m.role, m.text()) for m in body.messages]
-    params = generation_params(body, app[settings_key])
-    constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
-    if body.model == AUTO_MODEL:
-        # One structured answer cannot be several parts under headings.
-        enabled = _decompose_requested(body, app[settings_key]) and params.grammar is None
-        query_plan = await plan_query(app, _routing_text(messages), enabled=enabled, constraints=constraints)
-        if query_plan.compound:
-            generation = await decomposed_generation(app, query_plan, messages, params, constraints)
-        else:
-            routed = await app[router_key].route(_routing_text(messages), constraints)
-            generation = routed_generation(app, routed, messages, params)
-    else:
-        target = resolve_target(app, body.model)
-        if not isinstance(target, list):
-            prompt_tokens, stops = await asyncio.to_thread(target.tokenize_chat, messages)
-            generation = start_generation(app, target, prompt_tokens, stops, params)
-        else:
-            generation = forward_generation(app, target, messages, params)
-    return await _respond(request, generation, body, chat=True)
+    answer = await request.app[pipeline_key].answer(chat_query(body, request.app[settings_key]))
+    return await _respond(request, answer, body, chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/completions`: the prompt goes to a local model as it is, whatever its style."""
-    app = request.app
     body = parse_body(await read_body(request), CompletionRequest)
-    target = resolve_target(app, body.model)
-    if isinstance(target, list):
-        raise InvalidRequest(
-            f"{body.model} is on another node; text completions run on local experts only (use chat completions)",
-            param="model",
-        )
-    prompt_tokens = await asyncio.to_thread(target.tokenize_text, body.prompt_text())
-    if not prompt_tokens:  # refused before taking a queue place (generate checks it again for chat)
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    params = generation_params(body, app[settings_key])
-    generation = start_generation(app, target, prompt_tokens, (), params)
-    return await _respond(request, generation, body, chat=False)
+    answer = await request.app[pipeline_key].answer(text_query(body, request.app[settings_key]))
+    return await _respond(request, answer, body, chat=False)
 
 
 async def _respond(
-    request: web.Request, generation: Generation, body: ChatCompletionRequest | CompletionRequest, *, chat: bool
+    request: web.Request, answer: Answer, body: ChatCompletionRequest | CompletionRequest, *, chat: bool
 ) -> web.StreamResponse:
     """A chat or text completion in OpenAI's shape: streamed as server-sent events, or as one JSON body."""
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
+    rendering = _Rendering(answer, completion_id, int(time.time()), chat)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, generation, _ChunkMaker(generation, completion_id, created, chat), include_usage)
-    texts, finished = await _collect(generation)
+        return await _stream(request, answer, rendering, include_usage)
+    texts, finished = await _collect(answer, rendering)
     text = "".join(texts)
     if chat:
         choice = {
@@ -223,23 +198,28 @@ async def _respond(
     response: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": generation.expert_id,
+        "created": rendering.created,
+        "model": rendering.model,
     }
     if chat:
         response["system_fingerprint"] = None
-    response.update(choices=[choice], usage=_usage(finished), expertmesh=generation.provenance())
-    return web.json_response(response, headers=_headers(generation))
+    response.update(choices=[choice], usage=_usage(finished), expertmesh=rendering.provenance)
+    return web.json_response(response, headers=_headers(rendering.model, rendering.provenance["node"]))
 
 
-async def _collect(generation: Generation) -> tuple[list[str], Finished]:
-    """Run a generation to its end."""
+async def _collect(answer: Answer, rendering: _Rendering) -> tuple[list[str], Finished]:
+    """Run an answer to its end."""
     texts: list[str] = []
     finished: Finished | None = None
-    async for event in generation:
-        if isinstance(event, Delta):
-            texts.append(event.text)
-        else:
-            finished = event
-    assert finished is not None  # every generation ends with Finished or raises
+    try:
+        async for event in answer.events:
+            if isinstance(event, PartServed):
+                rendering.part_served(event)
+            elif isinstance(event, Delta):
+                texts.append(event.text)
+            else:
+                finished = event
+    finally:
+        await answer.events.aclose()  # type: ignore[attr-defined]
+    assert finished is not None  # every answer ends with Finished or raises
     return texts, finished
