@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from node.errors import NodeError
 from node.serving.expert import Expert, Prompt, run
-from node.serving.experts import GenerationEvent, GenerationParams
+from node.serving.experts import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,35 @@ class Started:
 
     expert: Expert
     position: int
-    events: AsyncIterator[GenerationEvent]  # from the first event on; closing it frees the expert's place
+    events: Stream  # from the first event on; closing it frees the expert's place
     failures: tuple[Failure, ...]
 
 
-async def _from_first(first: GenerationEvent, rest: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
-    """The first event, then the rest; closing this closes the rest (and so frees the place)."""
-    try:
-        yield first
-        async for event in rest:
-            yield event
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+class Stream:
+    """An answer's events that owns the iterators holding places: closing it closes them, even if never iterated.
+
+    (An async generator closed before its first step never runs its `finally`, so one alone could leak a place.)
+    """
+
+    def __init__(self, events: AsyncIterator[Any], *owned: AsyncIterator[Any], first: Any = None) -> None:
+        self._events = events
+        self._owned = (events, *owned)
+        self._first = first
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Close every owned iterator (each gives its place back); closing twice is harmless."""
+        self._first = None
+        for events in self._owned:
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 async def first_answering(experts: Sequence[Expert], prompt: Prompt, params: GenerationParams) -> Started:
@@ -69,5 +86,5 @@ async def first_answering(experts: Sequence[Expert], prompt: Prompt, params: Gen
             log.info("%s on %s failed before answering: %s", expert.card.expert_id, expert.node_id, exc.message)
             failures.append(Failure(expert, exc))
             continue
-        return Started(expert, position, _from_first(first, events), tuple(failures))
+        return Started(expert, position, Stream(events, first=first), tuple(failures))
     raise Exhausted(failures)

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Protocol, Sequence
 
 from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PeerUnavailable
 from node.judging.runner import ask
-from node.pipeline.execute import Exhausted, Started, first_answering
+from node.pipeline.execute import Exhausted, Started, Stream, first_answering
 from node.pipeline.query import AUTO_MODEL, Answer, Event, PartServed, Query, served
 from node.routing.decompose import (
     PART_SEPARATOR,
@@ -213,7 +213,7 @@ class QueryPipeline:
         base = {"expert": "", "node": "", "decomposed": True, "decision_id": group_id, "feedback_token": token, "parts": parts_view}
         first, first_served = await self._start_part(routed_parts[0], 0, messages, params)
         provenance = served(base, first_served)
-        events = self._parts(routed_parts, first, messages, params)
+        events = Stream(self._parts(routed_parts, first, messages, params), first.events)
         return Answer(first_served.expert_id, first_served.node_id, provenance, events)
 
     async def _start_part(
@@ -232,11 +232,13 @@ class QueryPipeline:
         finish_reason = "stop"
         started: Started | None = first
         for position, (part, _routed) in enumerate(routed_parts):
+            part_served: PartServed | None = None
             if started is None:
                 started, part_served = await self._start_part(routed_parts[position], position, messages, params)
-                yield part_served
             events = started.events
             try:
+                if part_served is not None:
+                    yield part_served
                 separator = PART_SEPARATOR if position else ""
                 yield Delta(separator + compose_header(part, started.expert.card.expert_id, started.expert.node_id) + "\n")
                 async for event in events:
@@ -247,7 +249,7 @@ class QueryPipeline:
                         break
                     yield event
             finally:
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
             started = None
         yield Finished(finish_reason, prompt_tokens, completion_tokens)
 
