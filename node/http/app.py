@@ -21,11 +21,13 @@ from node.http import api, peer_api, web_routes
 from node.http.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.http.peer_guard import peer_guard_middleware
 from node.judging.service import Judging
-from node.keys import specialist_bases_key
+from node.keys import experts_key, pipeline_key, specialist_bases_key
 from node.mesh import adopt, directory, invites, relay
 from node.mesh.network import Network
+from node.mesh.remote_expert import Experts
 from node.mesh.peer_store import PeerStore
 from node.metrics import create_metrics
+from node.pipeline import QueryPipeline
 from node.routing.community import Community
 from node.routing.router import RouteConstraints, Router
 from node.serving import catalog, selfcheck
@@ -193,9 +195,9 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         min_scores=settings.min_scores,
         verified_only=settings.verified_only,
     )
+    experts = Experts(app[api.pool_key], app[api.network_key], app[api.peer_client_key], app[api.metrics_key])
     router = Router(
-        app[api.pool_key],
-        app[api.network_key],
+        experts.all,
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
@@ -207,6 +209,10 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await router.start()
     app[api.router_key] = router
+    app[experts_key] = experts
+    app[pipeline_key] = QueryPipeline(
+        router, experts, proposer_min_score=settings.decompose_proposer_min_score, decompose_default=settings.decompose_default
+    )
     try:
         yield
     finally:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +20,8 @@ from node.http import api
 from node.http.access import is_loopback_host
 from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
 from node.mesh.adopt import definition_message
+from node.keys import experts_key
+from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import forwarded_grammar
 from peers.client import PEER_PATH
@@ -89,13 +91,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if message.hops > MAX_HOPS:
         raise InvalidRequest(f"hops {message.hops} is over {MAX_HOPS}", param="hops")
     _check_may_generate(request)
-    expert = app[api.pool_key].get(message.expert_id)
+    expert = app[experts_key].local_named(message.expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {message.expert_id!r} is not hosted on this node", param="expert_id")
-    # A long conversation takes a while to tokenize: never on the event loop.
-    prompt_tokens, stops = await asyncio.to_thread(
-        expert.tokenize_chat, [ChatMessage(m.role, m.content) for m in message.messages]
-    )
+    prepared = await expert.prepare([ChatMessage(m.role, m.content) for m in message.messages])
     settings = app[api.settings_key]
     params = GenerationParams(
         max_tokens=message.max_tokens or settings.max_tokens_default,
@@ -106,10 +105,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         grammar=forwarded_grammar(message.response_format),
         response_format=message.response_format,
     )
-    generation = api.start_generation(app, expert, prompt_tokens, stops, params)
     node_id = app[api.node_info_key].node_id
-    events = generation.__aiter__()
-    try:
+    # The expert's place is held for the life of `events` and given back however the reply ends.
+    async with aclosing(run(expert, prepared, params)) as events:
         first = await events.__anext__()  # a failure before any token stays a plain HTTP error
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **stream_reply_headers(request)})
         await response.prepare(request)
@@ -125,7 +123,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     node_id=node_id,
-                    expert_id=expert.spec.id,
+                    expert_id=expert.card.expert_id,
                 )
             await response.write(encode(frame))
             if frame.kind == "done":
@@ -136,10 +134,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 await response.write(encode(GenerateFrame(kind="error", error=exc.message[:2000])))
                 break
         await events.aclose()
-        await response.write_eof()
-        return response
-    finally:
-        await events.aclose()
+    await response.write_eof()
+    return response
 
 
 async def definition(request: web.Request) -> web.Response:
