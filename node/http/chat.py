@@ -10,13 +10,12 @@ from typing import Any
 from aiohttp import web
 
 from node.config import Settings
-from node.errors import InvalidRequest, NodeError
+from node.errors import NodeError
 from node.http.middleware import error_body, read_body
 from node.http.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from node.keys import pipeline_key, settings_key
 from node.pipeline import Answer, PartServed, Query, served
 from node.pipeline.query import AUTO_MODEL
-from node.routing.router import parse_constraints
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import response_format_grammar
 
@@ -39,21 +38,13 @@ def generation_params(request: ChatCompletionRequest | CompletionRequest, settin
     )
 
 
-def _decompose_requested(body: ChatCompletionRequest, settings: Settings) -> bool:
-    """The request's `expertmesh.decompose`, else the node's default."""
-    value = (body.expertmesh or {}).get("decompose", settings.decompose_default)
-    if not isinstance(value, bool):
-        raise InvalidRequest("expertmesh.decompose must be true or false", param="expertmesh.decompose")
-    return value
-
-
 def chat_query(body: ChatCompletionRequest, settings: Settings) -> Query:
-    """A chat request as a pipeline query; malformed options are a 400 naming the field."""
+    """A chat request as a pipeline query (its options were checked when the body was parsed)."""
     messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
     params = generation_params(body, settings)
-    constraints = parse_constraints(body.expertmesh)  # malformed constraints are a 400 whatever the model
-    decompose = _decompose_requested(body, settings) if body.model == AUTO_MODEL else False
-    return Query(body.model, messages, params, constraints, decompose)
+    options = body.options()
+    decompose = options.decompose if options.decompose is not None else settings.decompose_default
+    return Query(body.model, messages, params, options.constraints(), decompose and body.model == AUTO_MODEL)
 
 
 def text_query(body: CompletionRequest, settings: Settings) -> Query:

@@ -33,7 +33,7 @@ from bandit.ledger import (
     token_sha256,
 )
 from bandit.policy import Policy, PolicyLoadError, rng_for_decision, sample_index
-from node.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from node.errors import Conflict, Forbidden, NotFound
 from node.judging.trust import Assessment
 from node.routing.community import Community
 from node.serving.expert import Expert
@@ -97,51 +97,6 @@ class Routed:
     order: tuple[int, ...]
     token: str
     explanation: dict[str, Any]
-
-
-def _strings(value: Any, param: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value) and len(value) <= 256:
-        return tuple(value)
-    raise InvalidRequest(f"{param} must be a string or a list of at most 256 strings", param=param)
-
-
-def _scores(value: Any, param: str) -> dict[str, float]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or len(value) > 32:
-        raise InvalidRequest(f"{param} must be an object of dimension -> minimum score", param=param)
-    result = {}
-    for dimension, minimum in value.items():
-        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not 0 <= minimum <= 1:
-            raise InvalidRequest(f"{param}.{dimension} must be a number in [0, 1]", param=f"{param}.{dimension}")
-        result[str(dimension)] = float(minimum)
-    return result
-
-
-def parse_constraints(body: Mapping[str, Any] | None) -> RouteConstraints:
-    """Constraints from a request's `expertmesh` object; 400 naming the field when malformed."""
-    body = body or {}
-    local_only = body.get("local_only", False)
-    if not isinstance(local_only, bool):
-        raise InvalidRequest("expertmesh.local_only must be true or false", param="expertmesh.local_only")
-    verified_only = body.get("verified_only", False)
-    if not isinstance(verified_only, bool):
-        raise InvalidRequest("expertmesh.verified_only must be true or false", param="expertmesh.verified_only")
-    max_latency = body.get("max_latency_ms")
-    if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float)) or max_latency <= 0):
-        raise InvalidRequest("expertmesh.max_latency_ms must be a positive number", param="expertmesh.max_latency_ms")
-    return RouteConstraints(
-        approved=_strings(body.get("approved"), "expertmesh.approved"),
-        exclude=_strings(body.get("exclude"), "expertmesh.exclude"),
-        local_only=local_only,
-        max_latency_ms=None if max_latency is None else float(max_latency),
-        min_scores=_scores(body.get("min_scores"), "expertmesh.min_scores"),
-        verified_only=verified_only,
-    )
 
 
 def _matches(candidate: Candidate, patterns: Sequence[str]) -> bool:
