@@ -60,7 +60,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Count requests by endpoint and status, and time them."""
-    metrics = request.app[metrics_key]
+    metrics = request.config_dict[metrics_key]  # the node app's, also for the peer sub-app's requests
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     started_s = time.perf_counter()
     status = 500
@@ -78,7 +78,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
 
 async def read_body(request: web.Request) -> bytes:
     """The request body, refusing early when the declared length is over the cap."""
-    cap = request.app[settings_key].max_body_bytes
+    cap = request.config_dict[settings_key].max_body_bytes
     if request.content_length is not None and request.content_length > cap:
         raise PayloadTooLarge(f"request body is larger than {cap} bytes")
     return await request.read()

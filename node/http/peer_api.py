@@ -18,13 +18,12 @@ from node.errors import (
 )
 from node.http import api
 from node.http.access import is_loopback_host
-from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
+from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, peer_guard_middleware, signer_key, stream_reply_headers
 from node.mesh.adopt import definition_message
 from node.keys import experts_key
 from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import forwarded_grammar
-from peers.client import PEER_PATH
 from peers.wire import (
     CONTENT_TYPE,
     MAX_HOPS,
@@ -72,7 +71,7 @@ async def hello(request: web.Request) -> web.Response:
     if message.card.card.node_id != request[signer_key].node_id:
         raise Forbidden("a hello must be signed by the node whose card it carries")
     try:
-        reply = request.app[network_key].on_hello(message)
+        reply = request.config_dict[network_key].on_hello(message)
     except WireError as exc:
         raise _wire_error(exc) from exc
     return _msgpack_response(reply)
@@ -81,12 +80,12 @@ async def hello(request: web.Request) -> web.Response:
 async def peers(request: web.Request) -> web.Response:
     """`POST /peer/v1/peers`: the peers this node knows to be alive."""
     message = await _read_message(request, PeersRequest)
-    return _msgpack_response(request.app[network_key].exchange_reply(message.max_peers))
+    return _msgpack_response(request.config_dict[network_key].exchange_reply(message.max_peers))
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     """`POST /peer/v1/generate`: run a chat on a local expert; never forwarded further."""
-    app = request.app
+    app = request.config_dict  # this sub-app, then the node app
     message: GenerateRequest = await _read_message(request, GenerateRequest)
     if message.hops > MAX_HOPS:
         raise InvalidRequest(f"hops {message.hops} is over {MAX_HOPS}", param="hops")
@@ -142,7 +141,7 @@ async def definition(request: web.Request) -> web.Response:
     """`POST /peer/v1/experts/{expert_id}/definition` (empty body, signed like every peer request): a served
     specialist's definition, as data."""
     expert_id = request.match_info["expert_id"]
-    expert = request.app[api.pool_key].get(expert_id)
+    expert = request.config_dict[api.pool_key].get(expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {expert_id!r} is not hosted on this node", param="expert_id")
     message = definition_message(expert)
@@ -155,27 +154,33 @@ async def cards(request: web.Request) -> web.Response:
     """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
     message: CardSubmission = await _read_message(request, CardSubmission)
     sender = request[signer_key].node_id
-    if not request.app[network_key].is_verified_peer(sender):
+    if not request.config_dict[network_key].is_verified_peer(sender):
         raise Forbidden("cards are accepted from verified peers only: this node has not verified yours by its own hello")
-    await request.app[api.judging_key].accept_submitted(message.card, sender=sender)
+    await request.config_dict[api.judging_key].accept_submitted(message.card, sender=sender)
     return _msgpack_response(message)
 
 
 def _check_may_generate(request: web.Request) -> None:
     """On a public address with no community secret, only peers this node verified may use its experts."""
-    settings = request.app[api.settings_key]
+    settings = request.config_dict[api.settings_key]
     if settings.community_secret is not None or is_loopback_host(settings.host):
         return
     sender = request[signer_key].node_id
-    if not request.app[network_key].is_verified_peer(sender):
+    if not request.config_dict[network_key].is_verified_peer(sender):
         log.warning("refused /peer/v1/generate from unverified node %s", sender)
         raise Forbidden("this node generates for verified peers only (or members of its community)")
 
 
-def add_routes(app: web.Application) -> None:
-    """Mount the peer API."""
-    app.router.add_post(f"{PEER_PATH}/hello", hello)
-    app.router.add_post(f"{PEER_PATH}/peers", peers)
-    app.router.add_post(f"{PEER_PATH}/generate", generate)
-    app.router.add_post(f"{PEER_PATH}/cards", cards)
-    app.router.add_post(f"{PEER_PATH}/experts/{{expert_id}}/definition", definition)
+def create_peer_app(identity_of, secret: bytes | None) -> web.Application:
+    """The peer API as a sub-application mounted at PEER_PATH, guarded by its own middleware (node/http/peer_guard.py).
+
+    Other modules add their peer routes to it (invites: /join, directory: /gossip). The relay's routes stay on the
+    node app: they authenticate end to end instead (see node/mesh/relay.py).
+    """
+    peer_app = web.Application(middlewares=[peer_guard_middleware(identity_of, secret)])
+    peer_app.router.add_post("/hello", hello)
+    peer_app.router.add_post("/peers", peers)
+    peer_app.router.add_post("/generate", generate)
+    peer_app.router.add_post("/cards", cards)
+    peer_app.router.add_post("/experts/{expert_id}/definition", definition)
+    return peer_app

@@ -194,7 +194,7 @@ async def _gossip_route(request: web.Request) -> web.Response:
         message = decode(body, Gossip, max_bytes=MAX_GOSSIP_BYTES)
     except WireError as exc:
         raise InvalidRequest(str(exc)) from exc
-    reply = request.app[directory_key].on_gossip(message)
+    reply = request.config_dict[directory_key].on_gossip(message)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
@@ -204,7 +204,7 @@ async def _listing(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "node_id": service.state.self_id, "data": service.listing()})
 
 
-def add_routes(app: web.Application) -> None:
-    """Mount the gossip route and the listing."""
-    app.router.add_post(f"{PEER_PATH}/gossip", _gossip_route)
+def add_routes(app: web.Application, peer_app: web.Application) -> None:
+    """Mount the gossip route on the peer sub-app (at PEER_PATH) and the listing on the node app."""
+    peer_app.router.add_post("/gossip", _gossip_route)
     app.router.add_get("/v1/directory", _listing)
