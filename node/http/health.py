@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from node.http.schemas import Health, HealthExpert, json_response
 from node.keys import metrics_key, node_info_key, pool_key
 
 
@@ -14,26 +15,26 @@ async def healthz(request: web.Request) -> web.Response:
     """`GET /healthz`: alive, with the experts loaded."""
     app = request.app
     info = app[node_info_key]
-    return web.json_response(
-        {
-            "status": "ok",
-            "node_id": info.node_id,
-            "uptime_s": round(time.time() - info.started_s, 1),
-            "experts": [
-                {
-                    "id": e.spec.id,
-                    "queue_depth": e.queue_depth,
-                    "capacity": e.capacity,
-                    "parallel": e.parallel,
-                    "running": e.running,
-                    "waiting": e.waiting,
-                    "tokens_per_s": round(e.tokens_per_s(), 2),
-                    "worker_restarts": e.restarts,
-                    "safe_cpu_kernels": e.safe_cpu_kernels,
-                }
+    return json_response(
+        Health(
+            status="ok",
+            node_id=info.node_id,
+            uptime_s=round(time.time() - info.started_s, 1),
+            experts=[
+                HealthExpert(
+                    id=e.spec.id,
+                    queue_depth=e.queue_depth,
+                    capacity=e.capacity,
+                    parallel=e.parallel,
+                    running=e.running,
+                    waiting=e.waiting,
+                    tokens_per_s=round(e.tokens_per_s(), 2),
+                    worker_restarts=e.restarts,
+                    safe_cpu_kernels=e.safe_cpu_kernels,
+                )
                 for e in app[pool_key]
             ],
-        }
+        )
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node.errors import InvalidRequest
@@ -189,6 +190,11 @@ def parse_body(body: bytes, shape: type[Request]) -> Request:
 
 
 # ---- responses ----------------------------------------------------------------------
+
+
+def json_response(body: BaseModel, status: int = 200) -> web.Response:
+    """A response model as JSON: by alias (`from`), optional fields left out unless set."""
+    return web.json_response(body.model_dump(mode="json", by_alias=True, exclude_unset=True), status=status)
 # Handlers build these shapes; /openapi.json documents them from the models below. Extra keys are allowed
 # (a newer node may add fields), every field without a default is always present.
 
@@ -441,8 +447,16 @@ class Reach(_Out):
     via_url: str | None
 
 
+class Evidence(_Out):
+    """One thing a peer did that changed this node's trust in it."""
+
+    kind: str
+    detail: str
+    at_ms: int
+
+
 class Peer(_Out):
-    """One peer this node knows."""
+    """One peer this node knows, with this node's trust in it."""
 
     id: str
     url: str
@@ -452,6 +466,9 @@ class Peer(_Out):
     last_seen_ms: int
     source: Literal["mdns", "bootstrap", "exchange"]
     experts: list[str]
+    trust: float | None = None
+    distrusted: bool | None = None
+    evidence: list[Evidence] | None = None
 
 
 class PeerList(_Out):
@@ -564,6 +581,12 @@ class HealthExpert(_Out):
     id: str
     queue_depth: Count
     capacity: Count
+    parallel: Count | None = None
+    running: Count | None = None
+    waiting: Count | None = None
+    tokens_per_s: float | None = None
+    worker_restarts: Count | None = None
+    safe_cpu_kernels: bool | None = None
 
 
 class Health(_Out):
