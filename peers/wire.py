@@ -1,8 +1,8 @@
 """Versioned msgpack messages between peers: encode, decode, size caps, validation.
 
 Messages are plain frozen dataclasses whose field types carry their bounds; pydantic validates a decoded map
-against them. `scripts/bench_wire.py` measured pydantic 2.6-3.4x faster than the former hand-written validator
-and msgspec faster still; pydantic was chosen as the node's one validation library (user API, settings, wire),
+against them. `scripts/bench_wire.py` measured pydantic 2.5-4.7x faster than the former hand-written validator
+and msgspec 10-50x; pydantic was chosen as the node's one validation library (user API, settings, wire),
 since both cost far less than a generated token.
 """
 
