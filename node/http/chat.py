@@ -12,7 +12,19 @@ from aiohttp import web
 from node.config import Settings
 from node.errors import NodeError
 from node.http.middleware import error_body, read_body
-from node.http.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from node.http.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Provenance,
+    TextChoice,
+    TextCompletion,
+    Usage,
+    json_response,
+    parse_body,
+)
 from node.keys import pipeline_key, settings_key
 from node.pipeline import Answer, PartServed, Query, served
 from node.pipeline.query import AUTO_MODEL
@@ -177,25 +189,22 @@ async def _respond(
         return await _stream(request, answer, rendering, include_usage)
     texts, finished = await _collect(answer, rendering)
     text = "".join(texts)
+    usage, provenance = Usage.model_validate(_usage(finished)), Provenance.model_validate(rendering.provenance)
+    response: ChatCompletion | TextCompletion
     if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finished.finish_reason,
-        }
+        message = AssistantMessage(role="assistant", content=text)
+        response = ChatCompletion(
+            id=completion_id, object="chat.completion", created=rendering.created, model=rendering.model,
+            system_fingerprint=None, usage=usage, expertmesh=provenance,
+            choices=[ChatChoice(index=0, message=message, logprobs=None, finish_reason=finished.finish_reason)],
+        )
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finished.finish_reason}
-    response: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": rendering.created,
-        "model": rendering.model,
-    }
-    if chat:
-        response["system_fingerprint"] = None
-    response.update(choices=[choice], usage=_usage(finished), expertmesh=rendering.provenance)
-    return web.json_response(response, headers=_headers(rendering.model, rendering.provenance["node"]))
+        response = TextCompletion(
+            id=completion_id, object="text_completion", created=rendering.created, model=rendering.model,
+            usage=usage, expertmesh=provenance,
+            choices=[TextChoice(index=0, text=text, logprobs=None, finish_reason=finished.finish_reason)],
+        )
+    return json_response(response, headers=_headers(rendering.model, rendering.provenance["node"]))
 
 
 async def _collect(answer: Answer, rendering: _Rendering) -> tuple[list[str], Finished]:

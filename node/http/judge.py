@@ -11,7 +11,7 @@ from aiohttp import web
 from node.errors import Forbidden, InvalidRequest, NodeError
 from node.http.middleware import error_body, read_body
 from node.http.models import resolve_expert
-from node.http.schemas import JudgeRequest, parse_body
+from node.http.schemas import ExpertList, JudgeRequest, json_response, parse_body
 from node.judging.service import card_view
 from node.keys import judging_key, pool_key
 
@@ -20,7 +20,7 @@ async def list_experts(request: web.Request) -> web.Response:
     """`GET /v1/experts`: every known expert with its capability cards by judge, flags and live figures."""
     judging = request.app[judging_key]
     rows = judging.experts_view()  # in-memory, verified once: cheap enough for the loop
-    return web.json_response({"object": "list", "data": rows})
+    return json_response(ExpertList.model_validate({"object": "list", "data": rows}))
 
 
 def _loopback_only(request: web.Request) -> None:

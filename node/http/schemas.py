@@ -192,9 +192,9 @@ def parse_body(body: bytes, shape: type[Request]) -> Request:
 # ---- responses ----------------------------------------------------------------------
 
 
-def json_response(body: BaseModel, status: int = 200) -> web.Response:
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A response model as JSON: by alias (`from`), optional fields left out unless set."""
-    return web.json_response(body.model_dump(mode="json", by_alias=True, exclude_unset=True), status=status)
+    return web.json_response(body.model_dump(mode="json", by_alias=True, exclude_unset=True), status=status, headers=headers)
 # Handlers build these shapes; /openapi.json documents them from the models below. Extra keys are allowed
 # (a newer node may add fields), every field without a default is always present.
 
