@@ -1,8 +1,8 @@
 """Versioned msgpack messages between peers: encode, decode, size caps, validation.
 
 Messages are plain frozen dataclasses whose field types carry their bounds; pydantic validates a decoded map
-against them. `scripts/bench_wire.py` measured pydantic 2.5-4.7x faster than the former hand-written validator
-and msgspec 10-50x; pydantic was chosen as the node's one validation library (user API, settings, wire),
+against them. `scripts/bench_wire.py` measured pydantic 2.5-7x faster than the former hand-written validator
+and msgspec 10-100x; pydantic was chosen as the node's one validation library (user API, settings, wire),
 since both cost far less than a generated token.
 """
 
@@ -18,7 +18,15 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import msgpack
-from pydantic import AfterValidator, AllowInfNan, Field, GetCoreSchemaHandler, Strict, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    Field,
+    GetCoreSchemaHandler,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic_core import PydanticCustomError, core_schema
 
 from peers.identity import (

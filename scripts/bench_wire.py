@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peers import wire  # noqa: E402
-from peers.identity import NodeIdentity  # noqa: E402
+from peers import wire
+from peers.identity import NodeIdentity
 
 BASELINE_COMMIT = "c376ad3"  # the last commit with the hand-written `Limit` validator
 MAX_BYTES = 1 << 20
@@ -35,7 +35,7 @@ def _legacy_wire() -> types.ModuleType:
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["legacy_wire"] = module  # dataclasses look their module up while resolving hints
-    exec(compile(source, "legacy_wire.py", "exec"), module.__dict__)
+    exec(compile(source, "legacy_wire.py", "exec"), module.__dict__)  # noqa: S102 -- our own file, from our own git
     return module
 
 
@@ -148,8 +148,10 @@ def _msgspec_decoders() -> dict[str, Callable[[bytes], Any]] | None:
         node_id: Annotated[str, Meta(max_length=64)] = ""
         expert_id: Annotated[str, Meta(max_length=128)] = ""
 
-    def hello(data: bytes, decoder: Any = msgspec.msgpack.Decoder(Hello)) -> Any:
-        msg = decoder.decode(data)
+    hello_decoder = msgspec.msgpack.Decoder(Hello)
+
+    def hello(data: bytes) -> Any:
+        msg = hello_decoder.decode(data)
         for address in msg.card.card.addresses:  # the URL check has no msgspec constraint; run the same function
             wire._http_url(address)
         return msg
@@ -184,8 +186,8 @@ def main() -> int:
     for label, (data, name) in _samples().items():
         old_cls, new_cls = getattr(legacy, name), getattr(wire, name)
         assert wire.decode(data, new_cls, max_bytes=MAX_BYTES) is not None
-        old_us = _per_message_us(lambda d: legacy.decode(d, old_cls, max_bytes=MAX_BYTES), data, args.n, args.rounds)
-        new_us = _per_message_us(lambda d: wire.decode(d, new_cls, max_bytes=MAX_BYTES), data, args.n, args.rounds)
+        old_us = _per_message_us(lambda d, c=old_cls: legacy.decode(d, c, max_bytes=MAX_BYTES), data, args.n, args.rounds)
+        new_us = _per_message_us(lambda d, c=new_cls: wire.decode(d, c, max_bytes=MAX_BYTES), data, args.n, args.rounds)
         row = f"{label:<20} {len(data):>6} {old_us:>11.1f} {new_us:>10.1f} {old_us / new_us:>6.1f}x"
         if fast is not None:
             fast_us = _per_message_us(fast[name], data, args.n, args.rounds)

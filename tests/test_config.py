@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from node.cli import _parser
-from node.config import DEFAULT_MODEL, DEFAULT_PORT, Settings, load_settings, overrides_from
+from node.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PORT,
+    Settings,
+    load_settings,
+    overrides_from,
+)
 from node.errors import InvalidRequest
 from node.serving.experts import ChatMessage, completion_prompt, expert_id_for
 

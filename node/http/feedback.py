@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from node.http.middleware import read_body
-from node.http.schemas import Candidate, Decision, Feedback, FeedbackRequest, RouterStats, json_response, parse_body
+from node.http.schemas import (
+    Candidate,
+    Decision,
+    Feedback,
+    FeedbackRequest,
+    RouterStats,
+    json_response,
+    parse_body,
+)
 from node.keys import router_key
 from node.routing.router import RATINGS
 

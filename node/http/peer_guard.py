@@ -11,7 +11,13 @@ import logging
 
 from aiohttp import web
 
-from node.errors import Forbidden, InvalidRequest, NodeError, PayloadTooLarge, Unauthorized
+from node.errors import (
+    Forbidden,
+    InvalidRequest,
+    NodeError,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from node.http.middleware import error_response
 from peers import auth
 from peers.identity import NodeIdentity

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from aiohttp import web
 
 from node.http.schemas import Evidence, Peer, PeerList, Reach, json_response

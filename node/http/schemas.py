@@ -141,7 +141,7 @@ class FeedbackRequest(_Strict):
     reward: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
     @model_validator(mode="after")
-    def _one_of_rating_or_reward(self) -> "FeedbackRequest":
+    def _one_of_rating_or_reward(self) -> FeedbackRequest:
         if (self.rating is None) == (self.reward is None):
             raise ValueError("give exactly one of 'rating' (up or down) and 'reward' (0..1)")
         return self
@@ -190,13 +190,14 @@ def parse_body(body: bytes, shape: type[Request]) -> Request:
 
 
 # ---- responses ----------------------------------------------------------------------
+# Handlers build these shapes; /openapi.json documents them from the models below. Extra keys are allowed
+# (a newer node may add fields), every field without a default is always present. Streamed chunks are built
+# as plain dicts on the hot path and documented by ChatCompletionChunk / TextCompletionChunk.
 
 
 def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A response model as JSON: by alias (`from`), optional fields left out unless set."""
     return web.json_response(body.model_dump(mode="json", by_alias=True, exclude_unset=True), status=status, headers=headers)
-# Handlers build these shapes; /openapi.json documents them from the models below. Extra keys are allowed
-# (a newer node may add fields), every field without a default is always present.
 
 
 class _Out(BaseModel):
