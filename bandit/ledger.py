@@ -9,7 +9,7 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType, Protocol
@@ -414,24 +414,28 @@ def _rewarded(row: sqlite3.Row) -> Rewarded:
     return Rewarded(_decision(row), float(row["reward"]), int(row["rewarded_ms"]), int(row["reward_seq"]))
 
 
-def replay(ledger: Ledger, policy: Learner) -> int:
-    """Teach `policy` every rated decision again, in order; returns how many it learned.
+def replay(
+    ledger: Ledger, policy: Learner, *, after_seq: int = 0, seen: Callable[[Rewarded], None] | None = None
+) -> int:
+    """Teach `policy` every rated decision after `after_seq`, in arrival order; returns how many it learned.
 
-    Used to rebuild a policy whose model file was lost or corrupt. Decisions served by a
-    fallback are skipped: their rating is about an expert the policy did not sample, so
-    learning it with the sampled probability would bias the estimate.
+    Rebuilds a policy whose model file was lost or corrupt, and catches a live one up with new
+    ratings. Decisions served by a fallback are skipped: their rating is about an expert the policy
+    did not sample, so learning it with the sampled probability would bias the estimate. `seen` is
+    told of every rating in order, learned or skipped (the router counts them and keeps its place).
     """
     learned = 0
-    for item in ledger.iter_rewarded():
+    for item in ledger.iter_rewarded(after_seq=after_seq):
         decision = item.decision
-        if decision.served_index != decision.chosen_index:
-            continue
-        policy.learn(
-            decision.query,
-            decision.candidates,
-            decision.chosen_index,
-            decision.chosen_probability,
-            item.reward,
-        )
-        learned += 1
+        if decision.served_index == decision.chosen_index:
+            policy.learn(
+                decision.query,
+                decision.candidates,
+                decision.chosen_index,
+                decision.chosen_probability,
+                item.reward,
+            )
+            learned += 1
+        if seen is not None:
+            seen(item)
     return learned

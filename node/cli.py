@@ -10,12 +10,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import aiohttp
 
-from node.config import DEFAULT_PORT, load_settings
+from node.config import DEFAULT_PORT, load_settings, overrides_from
 from node.errors import NodeError
 from node.serving import catalog
 
@@ -168,44 +168,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
 def _cmd_start(args: argparse.Namespace) -> int:
     from node.http.app import serve
 
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "models": tuple(args.models) if args.models else None,
-        "experts": tuple(args.experts) if args.experts else None,
-        "data_dir": args.data_dir,
-        "models_dir": args.models_dir,
-        "n_ctx": args.n_ctx,
-        "n_threads": args.n_threads,
-        "n_gpu_layers": args.n_gpu_layers,
-        "queue_size": args.queue_size,
-        "safe_cpu_kernels": args.safe_cpu_kernels,
-        "parallel": args.parallel,
-        "log_level": args.log_level,
-        "peers": tuple(args.peers) if args.peers else None,
-        "mdns": args.mdns,
-        "mdns_interfaces": tuple(args.mdns_interfaces) if args.mdns_interfaces else None,
-        "advertise_urls": tuple(args.advertise_urls) if args.advertise_urls else None,
-        "community_secret": args.community_secret,
-        "peer_dead_after_s": args.peer_dead_after_s,
-        "hello_interval_s": args.hello_interval_s,
-        "judge_on_start": args.judge_on_start,
-        "api_key": args.api_key,
-        "peer_idle_timeout_s": args.peer_idle_timeout_s,
-        "spot_check_interval_s": args.spot_check_interval_s,
-        "require_api_key": args.require_api_key,
-        "judge_items_per_dimension": args.judge_items_per_dimension,
-        "judge_expert": args.judge_expert,
-        "share_learning": args.share_learning,
-        "use_community_learning": args.use_community_learning,
-        "join": tuple(args.join) if args.join else None,
-        "relays": tuple(args.relays) if args.relays else None,
-        "relay": args.relay,
-        "relay_open": args.relay_open,
-        "relay_max_streams": args.relay_max_streams,
-        "relay_max_bytes_per_s": args.relay_max_bytes_per_s,
-    }
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(args.config, overrides_from(args))
     _setup_logging(settings.log_level)
     # A native fault in llama.cpp (SIGILL, SIGSEGV) cannot be caught; at least the log says where it happened.
     faulthandler.enable(all_threads=True)
@@ -216,11 +179,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from node.doctor import diagnose, render
 
-    overrides = {
-        "host": args.host, "port": args.port, "data_dir": args.data_dir, "models_dir": args.models_dir,
-        "safe_cpu_kernels": args.safe_cpu_kernels,
-    }
-    checks = diagnose(load_settings(args.config, overrides))
+    checks = diagnose(load_settings(args.config, overrides_from(args)))
     sys.stdout.write(render(checks))
     return 1 if any(check.status == "fail" for check in checks) else 0
 

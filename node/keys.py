@@ -9,7 +9,9 @@ from aiohttp import web
 from node.config import Settings
 from node.judging.service import Judging
 from node.mesh.network import Network
+from node.mesh.remote_expert import Experts
 from node.metrics import NodeMetrics
+from node.pipeline import QueryPipeline
 from node.routing.router import Router
 from node.serving.experts import ExpertPool
 from peers.client import PeerClient
@@ -31,5 +33,7 @@ network_key = web.AppKey("network", Network)
 peer_client_key = web.AppKey("peer_client", PeerClient)
 router_key = web.AppKey("router", Router)
 judging_key = web.AppKey("judging", Judging)
+experts_key = web.AppKey("experts", Experts)
+pipeline_key = web.AppKey("pipeline", QueryPipeline)
 # Bases loaded only because a specialist needs them: served through their specialists, closed with the node.
 specialist_bases_key = web.AppKey("specialist_bases", list)

@@ -7,9 +7,10 @@ import binascii
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgpack
+from pydantic import Field
 
 from peers.identity import (
     PUBLIC_KEY_BYTES,
@@ -19,7 +20,7 @@ from peers.identity import (
     node_id_from_public_key,
     verify_signature,
 )
-from peers.wire import Limit, WireError, WireMessage, _http_url_problem, _wire, decode, encode
+from peers.wire import Bool, Bytes, HttpUrl, Int, Items, NodeIdText, Str, WireError, WireMessage, decode, encode
 
 INVITE_PREFIX = "expertmesh-invite:"
 SECRET_BYTES = 16
@@ -37,14 +38,14 @@ class Invite(WireMessage):
     """Who invites (id, key, addresses), whether it relays, the admission secret and its expiry."""
 
     TYPE: ClassVar[str] = "invite"
-    node_id: NodeId = _wire(min_len=1, max_len=64)
-    public_key: bytes = _wire(min_len=PUBLIC_KEY_BYTES, max_len=PUBLIC_KEY_BYTES)
-    addresses: tuple[str, ...] = _wire(min_len=1, max_len=8, item=Limit(min_len=1, max_len=200, check=_http_url_problem))
-    secret: bytes = _wire(min_len=SECRET_BYTES, max_len=SECRET_BYTES)
-    expires_ms: int = _wire(min_value=0)
-    one_time: bool = True
-    relay: bool = False
-    signature: bytes = _wire(bytes(SIGNATURE_BYTES), min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+    node_id: NodeIdText
+    public_key: Annotated[Bytes, Field(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)]
+    addresses: Annotated[tuple[HttpUrl, ...], Items(8, min_len=1)]
+    secret: Annotated[Bytes, Field(min_length=SECRET_BYTES, max_length=SECRET_BYTES)]
+    expires_ms: Annotated[Int, Field(ge=0)]
+    one_time: Bool = True
+    relay: Bool = False
+    signature: Annotated[Bytes, Field(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)] = bytes(SIGNATURE_BYTES)
 
 
 def _invite_bytes(invite: Invite) -> bytes:
@@ -105,10 +106,10 @@ class JoinRequest(WireMessage):
     """A node redeems an invite: the secret, and its key with a signature binding both."""
 
     TYPE: ClassVar[str] = "join"
-    secret: bytes = _wire(min_len=SECRET_BYTES, max_len=SECRET_BYTES)
-    public_key: bytes = _wire(min_len=PUBLIC_KEY_BYTES, max_len=PUBLIC_KEY_BYTES)
-    inviter: str = _wire(min_len=1, max_len=64)
-    signature: bytes = _wire(bytes(SIGNATURE_BYTES), min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+    secret: Annotated[Bytes, Field(min_length=SECRET_BYTES, max_length=SECRET_BYTES)]
+    public_key: Annotated[Bytes, Field(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)]
+    inviter: Annotated[Str, Field(min_length=1, max_length=64)]
+    signature: Annotated[Bytes, Field(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)] = bytes(SIGNATURE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ class JoinReply(WireMessage):
     """The inviter admitted the node; whether it relays for it."""
 
     TYPE: ClassVar[str] = "join_reply"
-    node_id: str = _wire(min_len=1, max_len=64)
-    relay: bool = False
+    node_id: Annotated[Str, Field(min_length=1, max_length=64)]
+    relay: Bool = False
 
 
 def _join_bytes(secret: bytes, public_key: bytes, inviter: str) -> bytes:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgpack
+from pydantic import AfterValidator, Field
 
 from peers.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
-    NodeId,
     NodeIdentity,
     node_id_from_public_key,
     verify_signature,
@@ -19,11 +19,16 @@ from peers.identity import (
 from peers.wire import (
     MAX_LEARNING_BYTES,
     PROTOCOL_VERSION,
+    Bytes,
+    Float,
+    Int,
+    Items,
+    NodeIdText,
+    Str,
     WireError,
     WireMessage,
     WireRecord,
     _plain,
-    _wire,
     decode,
     encode,
 )
@@ -36,19 +41,21 @@ MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 _TASK_RE = re.compile(r"[a-z][a-z_]{0,31}")
 
 
-def _task_problem(value: str) -> str | None:
-    """Why `value` is not a task kind name (lowercase letters and underscores), or None."""
-    return None if _TASK_RE.fullmatch(value) else "expected a task kind: lowercase letters and underscores"
+def _task_kind(value: str) -> str:
+    """`value` when it is a task kind name (lowercase letters and underscores); ValueError otherwise."""
+    if not _TASK_RE.fullmatch(value):
+        raise ValueError("expected a task kind: lowercase letters and underscores")
+    return value
 
 
 @dataclass(frozen=True)
 class LearningCell(WireRecord):
     """How many rated decisions this node's users gave one expert on one task kind, and their mean reward."""
 
-    expert_id: str = _wire(min_len=1, max_len=128)
-    task: str = _wire(min_len=1, max_len=32, check=_task_problem)
-    n: int = _wire(min_value=1)
-    mean: float = _wire(min_value=0.0, max_value=1.0)
+    expert_id: Annotated[Str, Field(min_length=1, max_length=128)]
+    task: Annotated[Str, Field(min_length=1, max_length=32), AfterValidator(_task_kind)]
+    n: Annotated[Int, Field(ge=1)]
+    mean: Annotated[Float, Field(ge=0.0, le=1.0)]
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,11 @@ class LearningSummary(WireMessage):
     """Everything a node shares about its users' ratings: who, which edition, when, and the cells."""
 
     TYPE: ClassVar[str] = "learning_summary"
-    node_id: NodeId = _wire(min_len=1, max_len=64)
-    public_key: bytes = _wire(min_len=PUBLIC_KEY_BYTES, max_len=PUBLIC_KEY_BYTES)
-    seq: int = _wire(min_value=0)
-    issued_ms: int = _wire(min_value=0)
-    cells: tuple[LearningCell, ...] = _wire((), max_len=MAX_CELLS)
+    node_id: NodeIdText
+    public_key: Annotated[Bytes, Field(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)]
+    seq: Annotated[Int, Field(ge=0)]
+    issued_ms: Annotated[Int, Field(ge=0)]
+    cells: Annotated[tuple[LearningCell, ...], Items(MAX_CELLS)] = ()
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class SignedSummary(WireMessage):
 
     TYPE: ClassVar[str] = "signed_learning_summary"
     summary: LearningSummary
-    signature: bytes = _wire(min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+    signature: Annotated[Bytes, Field(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
 
 
 def summary_signing_bytes(summary: LearningSummary) -> bytes:

@@ -23,7 +23,7 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import msgpack
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import Field
 
 from peers.identity import (
     PUBLIC_KEY_BYTES,
@@ -41,7 +42,7 @@ from peers.identity import (
     node_id_from_public_key,
     verify_signature,
 )
-from peers.wire import FrameReader, Limit, WireError, WireMessage, _wire, decode, encode
+from peers.wire import Bool, Bytes, FrameReader, Int, Items, Str, WireError, WireMessage, decode, encode
 
 M = TypeVar("M", bound=WireMessage)
 
@@ -116,13 +117,13 @@ class Envelope(WireMessage):
     """A signed slice of a relayed reply; the first carries the status, the last has `end`."""
 
     TYPE: ClassVar[str] = "relay_envelope"
-    seq: int = _wire(min_value=0)
-    data: bytes = _wire(b"", max_len=MAX_ENVELOPE_DATA)
-    status: int = _wire(0, min_value=0, max_value=999)
-    retry_after_s: int = _wire(0, min_value=0, max_value=86_400)
-    end: bool = False
-    public_key: bytes = _wire(b"", max_len=PUBLIC_KEY_BYTES)
-    signature: bytes = _wire(bytes(SIGNATURE_BYTES), min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+    seq: Annotated[Int, Field(ge=0)]
+    data: Annotated[Bytes, Field(max_length=MAX_ENVELOPE_DATA)] = b""
+    status: Annotated[Int, Field(ge=0, le=999)] = 0
+    retry_after_s: Annotated[Int, Field(ge=0, le=86400)] = 0
+    end: Bool = False
+    public_key: Annotated[Bytes, Field(max_length=PUBLIC_KEY_BYTES)] = b""
+    signature: Annotated[Bytes, Field(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)] = bytes(SIGNATURE_BYTES)
 
 
 def request_digest(route: str, body: bytes) -> bytes:
@@ -311,8 +312,8 @@ class TunnelChallenge(WireMessage):
     """The relay asks the home node to prove its key."""
 
     TYPE: ClassVar[str] = "tunnel_challenge"
-    nonce: bytes = _wire(min_len=NONCE_BYTES, max_len=64)
-    relay_node_id: str = _wire(min_len=1, max_len=64)
+    nonce: Annotated[Bytes, Field(min_length=NONCE_BYTES, max_length=64)]
+    relay_node_id: Annotated[Str, Field(min_length=1, max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,8 @@ class TunnelAuth(WireMessage):
     """The home node's proof: its key and a signature over the challenge."""
 
     TYPE: ClassVar[str] = "tunnel_auth"
-    public_key: bytes = _wire(min_len=PUBLIC_KEY_BYTES, max_len=PUBLIC_KEY_BYTES)
-    signature: bytes = _wire(min_len=SIGNATURE_BYTES, max_len=SIGNATURE_BYTES)
+    public_key: Annotated[Bytes, Field(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)]
+    signature: Annotated[Bytes, Field(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
 
 
 @dataclass(frozen=True)
@@ -329,10 +330,10 @@ class TunnelReady(WireMessage):
     """The relay accepted the tunnel: the address at which it now relays for the home node."""
 
     TYPE: ClassVar[str] = "tunnel_ready"
-    url: str = _wire(min_len=1, max_len=200)
-    max_streams: int = _wire(min_value=0)
-    max_bytes_per_s: int = _wire(min_value=0)
-    observed_ip: str = _wire("", max_len=64)  # the home node's address as the relay sees it (for hole punching)
+    url: Annotated[Str, Field(min_length=1, max_length=200)]
+    max_streams: Annotated[Int, Field(ge=0)]
+    max_bytes_per_s: Annotated[Int, Field(ge=0)]
+    observed_ip: Annotated[Str, Field(max_length=64)] = ""  # the home node's address as the relay sees it (for hole punching)
 
 
 @dataclass(frozen=True)
@@ -340,11 +341,11 @@ class TunnelRequest(WireMessage):
     """A peer request the relay passes to the home node (`headers`: name, value, name, value...)."""
 
     TYPE: ClassVar[str] = "tunnel_request"
-    stream_id: int = _wire(min_value=0)
-    route: str = _wire(min_len=1, max_len=64)
-    body: bytes = _wire(max_len=256 << 10)
-    headers: tuple[str, ...] = _wire((), max_len=32, item=Limit(max_len=2048))
-    nonce: bytes = _wire(b"", max_len=64)
+    stream_id: Annotated[Int, Field(ge=0)]
+    route: Annotated[Str, Field(min_length=1, max_length=64)]
+    body: Annotated[Bytes, Field(max_length=256 << 10)]
+    headers: Annotated[tuple[Annotated[Str, Field(max_length=2048)], ...], Items(32)] = ()
+    nonce: Annotated[Bytes, Field(max_length=64)] = b""
 
 
 @dataclass(frozen=True)
@@ -352,9 +353,9 @@ class TunnelData(WireMessage):
     """Envelope bytes of one stream's reply, from the home node; `end` closes the stream."""
 
     TYPE: ClassVar[str] = "tunnel_data"
-    stream_id: int = _wire(min_value=0)
-    data: bytes = _wire(b"", max_len=MAX_ENVELOPE_BYTES * 2)
-    end: bool = False
+    stream_id: Annotated[Int, Field(ge=0)]
+    data: Annotated[Bytes, Field(max_length=MAX_ENVELOPE_BYTES * 2)] = b""
+    end: Bool = False
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ class TunnelCancel(WireMessage):
     """The requester hung up: the home node stops the stream."""
 
     TYPE: ClassVar[str] = "tunnel_cancel"
-    stream_id: int = _wire(min_value=0)
+    stream_id: Annotated[Int, Field(ge=0)]
 
 
 def tunnel_proof_bytes(nonce: bytes, relay_node_id: str, public_key: bytes) -> bytes:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from node.config import DEFAULT_MODEL, DEFAULT_PORT, load_settings
+from node.cli import _parser
+from node.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PORT,
+    Settings,
+    load_settings,
+    overrides_from,
+)
 from node.errors import InvalidRequest
 from node.serving.experts import ChatMessage, completion_prompt, expert_id_for
 
@@ -43,6 +50,81 @@ def test_bad_config_files_are_named(tmp_path: Path) -> None:
         load_settings(environ={"EXPERTMESH_PORT": "eighty"})
     with pytest.raises(InvalidRequest, match="port"):
         load_settings(overrides={"port": 70000}, environ={})
+
+
+def test_environment_values_take_each_settings_shape() -> None:
+    settings = load_settings(
+        environ={
+            "EXPERTMESH_MIN_SCORES": '{"knowledge": 0.5, "code": 1}',
+            "EXPERTMESH_PEERS": "http://a:1, http://b:2,",
+            "EXPERTMESH_MDNS": "no",
+            "EXPERTMESH_SAFE_CPU_KERNELS": "true",
+            "EXPERTMESH_N_THREADS": "2",
+            "EXPERTMESH_SPOT_CHECK_INTERVAL_S": "0",
+            "EXPERTMESH_API_KEY": "",  # empty: not set
+        }
+    )
+    assert settings.min_scores == {"knowledge": 0.5, "code": 1.0}
+    assert settings.peers == ("http://a:1", "http://b:2")
+    assert (settings.mdns, settings.safe_cpu_kernels, settings.n_threads) == (False, True, 2)
+    assert (settings.spot_check_interval_s, settings.api_key) == (0.0, None)
+    assert load_settings(environ={"EXPERTMESH_MIN_SCORES": "knowledge=0.5, code=0.7"}).min_scores == {
+        "knowledge": 0.5,
+        "code": 0.7,
+    }
+    assert load_settings(environ={"EXPERTMESH_SAFE_CPU_KERNELS": "auto"}).safe_cpu_kernels == "auto"
+
+
+@pytest.mark.parametrize(
+    "environ, setting",
+    [
+        ({"EXPERTMESH_MIN_SCORES": '{"knowledge": 1.5}'}, "min_scores"),
+        ({"EXPERTMESH_MIN_SCORES": "{not json"}, "min_scores"),
+        ({"EXPERTMESH_MIN_SCORES": "knowledge"}, "min_scores"),
+        ({"EXPERTMESH_EXPLORATION": "greedy"}, "exploration"),
+        ({"EXPERTMESH_PEER_DEAD_AFTER_S": "0"}, "peer_dead_after_s"),
+        ({"EXPERTMESH_MDNS": "maybe"}, "mdns"),
+        ({"EXPERTMESH_PARALLEL": "65"}, "parallel"),
+        ({"EXPERTMESH_UNVERIFIED_SHARE_MAX": "1.5"}, "unverified_share_max"),
+        ({"EXPERTMESH_SAFE_CPU_KERNELS": "sometimes"}, "safe_cpu_kernels"),
+    ],
+)
+def test_bad_environment_values_name_the_setting_and_variable(environ: dict[str, str], setting: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_settings(environ=environ)
+    assert info.value.param == setting
+    assert f"setting {setting!r} (from EXPERTMESH_{setting.upper()})" in info.value.message
+
+
+def test_toml_values_are_checked_by_type(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\nmin_scores = { knowledge = true }\n")
+    with pytest.raises(InvalidRequest, match="min_scores"):
+        load_settings(config, environ={})
+    config.write_text('[node]\nmodels = []\n')
+    with pytest.raises(InvalidRequest, match=f"'models' \\(in {config}\\)"):
+        load_settings(config, environ={})
+    config.write_text('[node]\ndata_dir = "~/em"\n[node.min_scores]\ncode = 0.25\n')
+    settings = load_settings(config, environ={})
+    assert settings.data_dir == Path.home() / "em" and settings.min_scores == {"code": 0.25}
+
+
+def test_start_flags_reach_settings_by_name() -> None:
+    args = _parser().parse_args(
+        ["start", "--port", "9001", "--model", "a.gguf", "--model", "b.gguf", "--no-mdns", "--threads", "2",
+         "--safe-cpu-kernels", "false", "--offer-relay", "--join", "inv1"]
+    )
+    settings = load_settings(args.config, overrides_from(args), environ={"EXPERTMESH_PORT": "9100"})
+    assert (settings.port, settings.models, settings.mdns, settings.n_threads) == (9001, ("a.gguf", "b.gguf"), False, 2)
+    assert (settings.safe_cpu_kernels, settings.relay, settings.join) == (False, True, ("inv1",))
+    with pytest.raises(InvalidRequest, match="from the command line"):
+        load_settings(overrides=overrides_from(_parser().parse_args(["start", "--n-ctx", "0"])), environ={})
+
+
+def test_settings_built_in_code_are_validated_too() -> None:
+    assert Settings(relays=["http://r:1"]).relays == ("http://r:1",)
+    with pytest.raises(ValueError):
+        Settings(port=-1)
 
 
 def test_expert_ids_are_name_and_sha_prefix() -> None:

@@ -438,3 +438,29 @@ async def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
         assert [s for s, _ in statuses] == [400, 400, 400]
     finally:
         await node.stop()
+
+
+async def test_the_peer_api_is_a_guarded_sub_app_and_relay_routes_stay_outside_it(tmp_path: Path) -> None:
+    node = await start_live_node(tmp_path / "node")
+    try:
+        sub_apps = [r for r in node.app.router.resources() if isinstance(r, web.PrefixedSubAppResource)]
+        assert [r.canonical for r in sub_apps] == ["/peer/v1"]
+        peer_paths = {route.resource.canonical for route in sub_apps[0] if route.resource is not None}
+        # Wire paths are unchanged: the sub-app's routes sit under /peer/v1, with those other modules add.
+        assert {"/peer/v1/hello", "/peer/v1/generate", "/peer/v1/join", "/peer/v1/gossip"} <= peer_paths
+        main_paths = {r.canonical for r in node.app.router.resources() if not isinstance(r, web.PrefixedSubAppResource)}
+        assert "/peer/v1/relay-connect" in main_paths and not any(p.endswith("/hello") for p in main_paths)
+        stranger = NodeIdentity.generate()
+        async with aiohttp.ClientSession() as session:
+            # An unknown peer route still meets the guard: unsigned is 401, signed gets a signed 404 (not the user API's).
+            unsigned, _, _ = await signed_post(session, node.url, "/peer/v1/nothing-here", b"\x80", None)
+            sent = auth.sign_request(stranger, "POST", "/peer/v1/nothing-here", b"\x80")
+            status, body, headers = await signed_post(session, node.url, "/peer/v1/nothing-here", b"\x80", None, headers=sent)
+            # The relay's forward route is not behind the guard: an unsigned request reaches the relay (which refuses
+            # it: this node offers no relay), instead of the guard's 401.
+            relayed, _, _ = await signed_post(session, node.url, f"/peer/v1/relay/{stranger.node_id}/peer/v1/hello", b"\x80", None)
+        assert unsigned == 401 and status == 404 and relayed != 401
+        signer = auth.verify_reply(headers, sent[auth.NONCE_HEADER], status, body, expected_key=node.identity.public_key_raw)
+        assert signer == node.identity.public_key_raw
+    finally:
+        await node.stop()

@@ -32,10 +32,8 @@ from peers.wire import (
     SignedCard,
     WireError,
     WireMessage,
-    body_hmac,
     card_digest,
     card_signing_bytes,
-    check_body_hmac,
     decode,
     encode,
     sign_card,
@@ -565,18 +563,6 @@ def test_stream_ending_inside_a_frame_is_400() -> None:
 
 
 # ---- community secret ---------------------------------------------------------------
-
-
-def test_body_hmac() -> None:
-    secret, body = b"community", encode(PeersRequest(max_peers=4))
-    tag = body_hmac(secret, body)
-    assert len(tag) == 64 and tag == body_hmac(secret, body)
-    assert check_body_hmac(secret, body, tag)
-    assert check_body_hmac(secret, body, f" {tag.upper()} ")
-    assert not check_body_hmac(b"other", body, tag)
-    assert not check_body_hmac(secret, body + b"\0", tag)
-    for bad in (None, "", "zz", "é" * 64, tag[:-1]):
-        assert not check_body_hmac(secret, body, bad)
 
 
 # ---- layering -----------------------------------------------------------------------

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import ifaddr
@@ -19,20 +19,21 @@ from node.config import Settings
 from node.errors import NodeError
 from node.http import api, peer_api, web_routes
 from node.http.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
-from node.http.peer_guard import peer_guard_middleware
 from node.judging.service import Judging
-from node.keys import specialist_bases_key
+from node.keys import experts_key, pipeline_key, specialist_bases_key
 from node.mesh import adopt, directory, invites, relay
 from node.mesh.network import Network
 from node.mesh.peer_store import PeerStore
+from node.mesh.remote_expert import Experts
 from node.metrics import create_metrics
+from node.pipeline import QueryPipeline
 from node.routing.community import Community
 from node.routing.router import RouteConstraints, Router
 from node.serving import catalog, selfcheck
 from node.serving.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.serving.specialist_serving import build_specialists
 from node.serving.specialists import folder_definitions, resolve_definition
-from peers.client import PeerClient
+from peers.client import PEER_PATH, PeerClient
 from peers.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,9 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         min_scores=settings.min_scores,
         verified_only=settings.verified_only,
     )
+    experts = Experts(app[api.pool_key], app[api.network_key], app[api.peer_client_key], app[api.metrics_key])
     router = Router(
-        app[api.pool_key],
-        app[api.network_key],
+        experts.all,
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
@@ -207,6 +208,10 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await router.start()
     app[api.router_key] = router
+    app[experts_key] = experts
+    app[pipeline_key] = QueryPipeline(
+        router, experts, proposer_min_score=settings.decompose_proposer_min_score, decompose_default=settings.decompose_default
+    )
     try:
         yield
     finally:
@@ -230,7 +235,6 @@ def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) 
             api.metrics_middleware,
             host_guard_middleware(allowed_hosts(settings.host, settings.advertise_urls)),
             access,
-            peer_guard_middleware(lambda a: a[identity_key], settings.community_secret.encode() if settings.community_secret else None),
         ],
     )
     app[api.settings_key] = settings
@@ -247,10 +251,14 @@ def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) 
     app.cleanup_ctx.append(_router_ctx)
     api.add_routes(app)
     adopt.add_routes(app)
-    peer_api.add_routes(app)
+    # The peer API is a sub-app with its own guard; the relay's routes (also under PEER_PATH) stay on this app,
+    # outside the guard, because they authenticate end to end (node/mesh/relay.py).
+    secret = settings.community_secret.encode() if settings.community_secret else None
+    peer_app = peer_api.create_peer_app(lambda state: state[identity_key], secret)
     relay.add_routes(app)
-    invites.add_routes(app)
-    directory.add_routes(app)
+    invites.add_routes(app, peer_app)
+    directory.add_routes(app, peer_app)
+    app.add_subapp(PEER_PATH, peer_app)
     web_routes.add_routes(app)
     return app
 

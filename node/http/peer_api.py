@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
@@ -18,11 +18,18 @@ from node.errors import (
 )
 from node.http import api
 from node.http.access import is_loopback_host
-from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
+from node.http.peer_guard import (
+    MAX_PEER_BODY_BYTES,
+    body_key,
+    peer_guard_middleware,
+    signer_key,
+    stream_reply_headers,
+)
+from node.keys import experts_key
 from node.mesh.adopt import definition_message
+from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import forwarded_grammar
-from peers.client import PEER_PATH
 from peers.wire import (
     CONTENT_TYPE,
     MAX_HOPS,
@@ -70,7 +77,7 @@ async def hello(request: web.Request) -> web.Response:
     if message.card.card.node_id != request[signer_key].node_id:
         raise Forbidden("a hello must be signed by the node whose card it carries")
     try:
-        reply = request.app[network_key].on_hello(message)
+        reply = request.config_dict[network_key].on_hello(message)
     except WireError as exc:
         raise _wire_error(exc) from exc
     return _msgpack_response(reply)
@@ -79,23 +86,20 @@ async def hello(request: web.Request) -> web.Response:
 async def peers(request: web.Request) -> web.Response:
     """`POST /peer/v1/peers`: the peers this node knows to be alive."""
     message = await _read_message(request, PeersRequest)
-    return _msgpack_response(request.app[network_key].exchange_reply(message.max_peers))
+    return _msgpack_response(request.config_dict[network_key].exchange_reply(message.max_peers))
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     """`POST /peer/v1/generate`: run a chat on a local expert; never forwarded further."""
-    app = request.app
+    app = request.config_dict  # this sub-app, then the node app
     message: GenerateRequest = await _read_message(request, GenerateRequest)
     if message.hops > MAX_HOPS:
         raise InvalidRequest(f"hops {message.hops} is over {MAX_HOPS}", param="hops")
     _check_may_generate(request)
-    expert = app[api.pool_key].get(message.expert_id)
+    expert = app[experts_key].local_named(message.expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {message.expert_id!r} is not hosted on this node", param="expert_id")
-    # A long conversation takes a while to tokenize: never on the event loop.
-    prompt_tokens, stops = await asyncio.to_thread(
-        expert.tokenize_chat, [ChatMessage(m.role, m.content) for m in message.messages]
-    )
+    prepared = await expert.prepare([ChatMessage(m.role, m.content) for m in message.messages])
     settings = app[api.settings_key]
     params = GenerationParams(
         max_tokens=message.max_tokens or settings.max_tokens_default,
@@ -106,10 +110,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         grammar=forwarded_grammar(message.response_format),
         response_format=message.response_format,
     )
-    generation = api.start_generation(app, expert, prompt_tokens, stops, params)
     node_id = app[api.node_info_key].node_id
-    events = generation.__aiter__()
-    try:
+    # The expert's place is held for the life of `events` and given back however the reply ends.
+    async with aclosing(run(expert, prepared, params)) as events:
         first = await events.__anext__()  # a failure before any token stays a plain HTTP error
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **stream_reply_headers(request)})
         await response.prepare(request)
@@ -125,7 +128,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     node_id=node_id,
-                    expert_id=expert.spec.id,
+                    expert_id=expert.card.expert_id,
                 )
             await response.write(encode(frame))
             if frame.kind == "done":
@@ -136,17 +139,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 await response.write(encode(GenerateFrame(kind="error", error=exc.message[:2000])))
                 break
         await events.aclose()
-        await response.write_eof()
-        return response
-    finally:
-        await events.aclose()
+    await response.write_eof()
+    return response
 
 
 async def definition(request: web.Request) -> web.Response:
     """`POST /peer/v1/experts/{expert_id}/definition` (empty body, signed like every peer request): a served
     specialist's definition, as data."""
     expert_id = request.match_info["expert_id"]
-    expert = request.app[api.pool_key].get(expert_id)
+    expert = request.config_dict[api.pool_key].get(expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {expert_id!r} is not hosted on this node", param="expert_id")
     message = definition_message(expert)
@@ -159,27 +160,33 @@ async def cards(request: web.Request) -> web.Response:
     """`POST /peer/v1/cards`: a judge's signed card about one of our experts; echoed back once stored."""
     message: CardSubmission = await _read_message(request, CardSubmission)
     sender = request[signer_key].node_id
-    if not request.app[network_key].is_verified_peer(sender):
+    if not request.config_dict[network_key].is_verified_peer(sender):
         raise Forbidden("cards are accepted from verified peers only: this node has not verified yours by its own hello")
-    await request.app[api.judging_key].accept_submitted(message.card, sender=sender)
+    await request.config_dict[api.judging_key].accept_submitted(message.card, sender=sender)
     return _msgpack_response(message)
 
 
 def _check_may_generate(request: web.Request) -> None:
     """On a public address with no community secret, only peers this node verified may use its experts."""
-    settings = request.app[api.settings_key]
+    settings = request.config_dict[api.settings_key]
     if settings.community_secret is not None or is_loopback_host(settings.host):
         return
     sender = request[signer_key].node_id
-    if not request.app[network_key].is_verified_peer(sender):
+    if not request.config_dict[network_key].is_verified_peer(sender):
         log.warning("refused /peer/v1/generate from unverified node %s", sender)
         raise Forbidden("this node generates for verified peers only (or members of its community)")
 
 
-def add_routes(app: web.Application) -> None:
-    """Mount the peer API."""
-    app.router.add_post(f"{PEER_PATH}/hello", hello)
-    app.router.add_post(f"{PEER_PATH}/peers", peers)
-    app.router.add_post(f"{PEER_PATH}/generate", generate)
-    app.router.add_post(f"{PEER_PATH}/cards", cards)
-    app.router.add_post(f"{PEER_PATH}/experts/{{expert_id}}/definition", definition)
+def create_peer_app(identity_of, secret: bytes | None) -> web.Application:
+    """The peer API as a sub-application mounted at PEER_PATH, guarded by its own middleware (node/http/peer_guard.py).
+
+    Other modules add their peer routes to it (invites: /join, directory: /gossip). The relay's routes stay on the
+    node app: they authenticate end to end instead (see node/mesh/relay.py).
+    """
+    peer_app = web.Application(middlewares=[peer_guard_middleware(identity_of, secret)])
+    peer_app.router.add_post("/hello", hello)
+    peer_app.router.add_post("/peers", peers)
+    peer_app.router.add_post("/generate", generate)
+    peer_app.router.add_post("/cards", cards)
+    peer_app.router.add_post("/experts/{expert_id}/definition", definition)
+    return peer_app

@@ -1,20 +1,30 @@
-"""The peer API's gate: msgpack only, the whole body read, the sender's signature, membership and replay checked, replies signed."""
+"""The peer API's gate: msgpack only, the whole body read, the sender's signature, membership and replay checked, replies signed.
+
+It is the middleware of the peer sub-application (node/http/peer_api.py: create_peer_app), so it sees peer requests
+only; every failure, expected or not, leaves it as a signed error reply.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
 
-from node.errors import Forbidden, InvalidRequest, NodeError, PayloadTooLarge, Unauthorized
-from node.http import api
+from node.errors import (
+    Forbidden,
+    InvalidRequest,
+    NodeError,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from node.http.middleware import error_response
 from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
-PEER_PREFIX = "/peer/"
 MAX_PEER_BODY_BYTES = 256 << 10
 _RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 has typed request keys
 
@@ -26,6 +36,23 @@ def _request_key(name: str, kind: type):
 signer_key = _request_key("expertmesh.signer", auth.Signer)  # the authenticated sender
 body_key = _request_key("expertmesh.peer_body", bytes)  # the body bytes, read once
 _reply_signing_key = _request_key("expertmesh.reply_signing", tuple)  # (identity, secret) to sign a streamed reply
+
+
+class _Internal(NodeError):
+    """A peer handler failed unexpectedly."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
+def _http_error(exc: web.HTTPException) -> NodeError:
+    """aiohttp's own HTTP error (a wrong method, a too large body) as a node error with its status."""
+    error = NodeError(exc.reason)
+    error.status = exc.status
+    error.error_type = "invalid_request_error" if exc.status < 500 else "server_error"
+    error.code = exc.reason.lower().replace(" ", "_")
+    return error
 
 
 class Unsupported(NodeError):
@@ -60,14 +87,13 @@ def _media_type(request: web.Request) -> str:
 
 
 def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.ReplayCache | None = None):
-    """Authenticate every `/peer/` request and sign every reply; `identity_of(app)` gives this node's identity."""
+    """Authenticate every request to the peer sub-app and sign every reply; `identity_of(app)` gives this node's identity
+    (called with the request's config_dict, which reaches the node app's state)."""
     replay = replay or auth.ReplayCache()
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
-        if not request.path.startswith(PEER_PREFIX) or _relay_route(request.path):
-            return await handler(request)
-        identity: NodeIdentity = identity_of(request.app)
+        identity: NodeIdentity = identity_of(request.config_dict)
         nonce = request.headers.get(auth.NONCE_HEADER, "")
         try:
             if request.method != "POST":
@@ -88,20 +114,21 @@ def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.Replay
             request[_reply_signing_key] = (identity, secret)
             response = await handler(request)
         except NodeError as exc:
-            response = api.error_response(exc)
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(_http_error(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on peer route %s", request.path)
+            response = error_response(_Internal("internal error"))
         if not response.prepared and isinstance(response, web.Response):
             response.headers.update(auth.sign_reply(identity, nonce, response.status, response.body or b"", secret=secret))
         return response
 
     return middleware
-
-
-def _relay_route(path: str) -> bool:
-    """A relay's own routes authenticate end to end instead: the tunnel by a challenge signed with the home
-    node's key, a relayed request at the home node itself (which gets the requester's signed headers)."""
-    from node.mesh.relay import CONNECT_PATH, RELAY_PREFIX
-
-    return path == CONNECT_PATH or path.startswith(RELAY_PREFIX + "/")
 
 
 async def peer_body(request: web.Request, cap: int) -> bytes:

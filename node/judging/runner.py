@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +37,7 @@ from node.judging.suites import (
     sample_items,
     suite_digest,
 )
+from node.serving.expert import Expert, Local, run
 from node.serving.experts import ChatMessage, Delta, GenerationParams, LocalExpert
 from peers.identity import NodeIdentity
 
@@ -139,28 +141,30 @@ def summarize_run(
     return scores, Performance(tokens_per_s=tokens_per_s, ttft_ms=ttft_ms, n_ctx=n_ctx)
 
 
-async def ask_expert(expert: LocalExpert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
-    """One greedy answer from a local expert to `prompt` as a single user message."""
-    tokens, stops = expert.tokenize_chat([ChatMessage("user", prompt)])
+async def ask(expert: Expert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
+    """One greedy answer from any expert, local or on a peer, to `prompt` as a single user message."""
+    prepared = await expert.prepare([ChatMessage("user", prompt)])
     # Solo: a clean one-sequence run, so a card is reproducible whatever else the expert serves meanwhile.
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, seed=seed, solo=True)
-    expert.admit()
     started_s = time.perf_counter()
     ttft_s: float | None = None
     texts: list[str] = []
     completion_tokens = 0
-    try:
-        async for event in expert.generate(tokens, stops, params):
+    async with aclosing(run(expert, prepared, params)) as events:
+        async for event in events:
             if isinstance(event, Delta):
                 if ttft_s is None:
                     ttft_s = time.perf_counter() - started_s
                 texts.append(event.text)
             else:
                 completion_tokens = event.completion_tokens
-    finally:
-        expert.release()
     elapsed_s = time.perf_counter() - started_s
     return ProbeAnswer("".join(texts), elapsed_s if ttft_s is None else ttft_s, completion_tokens, elapsed_s)
+
+
+async def ask_expert(expert: LocalExpert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
+    """One greedy answer from a local expert to `prompt` as a single user message."""
+    return await ask(Local(expert, ""), prompt, max_tokens=max_tokens, seed=seed)
 
 
 def local_ask(expert: LocalExpert, *, seed: int = 0) -> Ask:

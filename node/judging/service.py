@@ -7,11 +7,12 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PeerUnavailable
+from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError
 from node.judging.cards import (
     CapabilityCard,
     CardError,
@@ -27,6 +28,7 @@ from node.judging.cards import (
 from node.judging.runner import (
     PRIVATE_PROBES_FILE,
     ProbeAnswer,
+    ask,
     ask_expert,
     choose_independent_items,
     judge_local_expert,
@@ -40,11 +42,12 @@ from node.judging.runner import (
 from node.judging.suites import ProbeItem, combined_version, load_suites, suite_digest
 from node.judging.trust import Assessment, JudgeRecord, assess, judge_records, judge_weight
 from node.mesh.network import Network, RemoteExpert
+from node.mesh.remote_expert import Remote
+from node.serving.expert import Expert, Local, TrustEvidence
 from node.serving.experts import ExpertPool, LocalExpert
-from peers.client import PeerClient, PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
+from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
-from peers.wire import ChatMessage as WireChatMessage
-from peers.wire import GenerateRequest, NodeCard
+from peers.wire import NodeCard
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +260,14 @@ class Judging:
                     capability = verify_capability_card(signed)
                 except CardError as exc:
                     log.warning("dropped a capability card from %s: %s", card.node_id, exc.message)
-                    self._network.note_misbehaviour(card.node_id, "bad_card", exc.message)
+                    self._network.note_misbehaviour(card.node_id, TrustEvidence.BAD_CARD, exc.message)
                     continue
                 if capability.owner_node_id != card.node_id or capability.model_sha256 != info.sha256:
                     log.warning("dropped a card from %s about an expert it does not host", card.node_id)
-                    self._network.note_misbehaviour(card.node_id, "bad_card", "a card about an expert it does not host")
+                    self._network.note_misbehaviour(card.node_id, TrustEvidence.BAD_CARD, "a card about an expert it does not host")
                     continue
                 if capability.issued_ms > self._clock_ms() + MAX_CLOCK_SKEW_MS:
-                    self._network.note_misbehaviour(card.node_id, "bad_card", "a card issued in the future")
+                    self._network.note_misbehaviour(card.node_id, TrustEvidence.BAD_CARD, "a card issued in the future")
                     continue
                 if capability.judge_node_id == self._identity.node_id:
                     continue  # our own cards come from our own store, never back from a peer
@@ -314,16 +317,14 @@ class Judging:
 
     def experts_view(self) -> list[dict[str, Any]]:
         """Every known expert (local and on alive peers) with its cards by judge, flags and live figures."""
-        rows: list[dict[str, Any]] = []
         node_id = self._identity.node_id
-        for expert in self._pool:
-            rows.append(self._expert_row(expert.spec.id, expert.spec.sha256, node_id, True, expert.queue_depth, expert.capacity))
-        for remote in self._network.remote_experts():
-            info = remote.info
-            rows.append(self._expert_row(info.expert_id, info.sha256, remote.peer.node_id, False, info.queue_depth, info.queue_size + 1))
-        return rows
+        experts: list[Expert] = [Local(e, node_id) for e in self._pool]
+        experts += [self._remote(r) for r in self._network.remote_experts()]
+        return [self._expert_row(expert) for expert in experts]
 
-    def _expert_row(self, expert_id: str, sha256: str, node: str, local: bool, queue_depth: int, capacity: int) -> dict[str, Any]:
+    def _expert_row(self, expert: Expert) -> dict[str, Any]:
+        expert_id, sha256, node, local = expert.card.expert_id, expert.card.sha256, expert.node_id, expert.local
+        load = expert.load()
         cards = self.cards(sha256)
         assessed = self.assessment(sha256, None if local else node)
         flags = flag_disagreements(cards)
@@ -333,8 +334,8 @@ class Judging:
             "node": node,
             "local": local,
             "model_sha256": sha256,
-            "queue_depth": queue_depth,
-            "capacity": capacity,
+            "queue_depth": load.queue_depth,
+            "capacity": load.capacity,
             "judging": None if status is None else {"state": status.state, "done": status.done, "total": status.total, "error": status.error},
             "judged": bool(cards),
             "scores": {d: round(v, 4) for d, v in assessed.scores.items()},
@@ -495,7 +496,7 @@ class Judging:
             ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=max_tokens)
             try:
                 theirs = await ask(item)
-            except PeerUnavailable as exc:
+            except NodeError as exc:  # trust evidence, where the failure is evidence, is noted by the adapter
                 log.info("verification probe of %s on %s failed: %s", target.info.expert_id, node_id, exc.message)
                 return False
             while True:
@@ -509,7 +510,7 @@ class Judging:
                 log.info("verified %s on %s: greedy answer matches the local copy", target.info.expert_id, node_id)
                 return True
             self._network.note_misbehaviour(
-                node_id, "model_mismatch", f"{target.info.expert_id}: greedy answer differs from this node's copy of {sha256[:12]}"
+                node_id, TrustEvidence.MODEL_MISMATCH, f"{target.info.expert_id}: greedy answer differs from this node's copy of {sha256[:12]}"
             )
             return False
         signed = await self.judge_peer(node_id, target.info.expert_id, items_per_dimension=items_per_dimension)
@@ -517,7 +518,7 @@ class Judging:
         flags = [f for f in flag_disagreements([*claims, signed.card]) if f.judge_node_id == self._identity.node_id]
         if flags:
             detail = "; ".join(f"{f.dimension} claimed {f.owner_score.mean:.2f}, measured {f.independent_score.mean:.2f}" for f in flags)
-            self._network.note_misbehaviour(node_id, "score_lie", f"{target.info.expert_id}: {detail}"[:300])
+            self._network.note_misbehaviour(node_id, TrustEvidence.SCORE_LIE, f"{target.info.expert_id}: {detail}"[:300])
             return False
         return True
 
@@ -527,16 +528,8 @@ class Judging:
         ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=SPOT_CHECK_MAX_TOKENS)
         try:
             answer = await ask(item)
-        except PeerUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, PeerRejected) and cause.status == 404:
-                self._network.note_misbehaviour(node_id, "missing_expert", f"spot check: {target.info.expert_id}: {cause}")
-            elif isinstance(cause, PeerProtocolError):
-                self._network.note_misbehaviour(node_id, "garbage", f"spot check: {cause}")
-            elif isinstance(cause, PeerTimedOut):
-                self._network.note_misbehaviour(node_id, "timeout", f"spot check: {cause}")
-            else:
-                log.info("spot check of %s on %s failed: %s", target.info.expert_id, node_id, exc.message)
+        except NodeError as exc:  # trust evidence, where the failure is evidence, is noted by the adapter
+            log.info("spot check of %s on %s failed: %s", target.info.expert_id, node_id, exc.message)
             return
         self._network.check_speed(
             node_id, target.info.expert_id, target.info.tokens_per_s, answer.completion_tokens,
@@ -549,37 +542,17 @@ class Judging:
                 return remote
         raise ModelNotFound(f"no alive peer {node_id!r} hosting {expert_id!r}", param="expert")
 
-    def _peer_ask(self, target: RemoteExpert, counter: _Counter, *, max_tokens: int | None = None):
-        async def ask(item: ProbeItem) -> ProbeAnswer:
-            request = GenerateRequest(
-                request_id=os.urandom(8).hex(),
-                expert_id=target.info.expert_id,
-                messages=(WireChatMessage(role="user", content=item.prompt),),
-                max_tokens=max_tokens or item.max_tokens,
-                temperature=0.0,
-                top_p=None,
-                stop=(),
-                seed=0,
-                origin_node=self._identity.node_id,
-                hops=1,
-            )
-            started_s = time.perf_counter()
-            ttft_s: float | None = None
-            texts: list[str] = []
-            completion_tokens = 0
-            try:
-                async for frame in self._client.generate(target.peer.url, request, expected_key=_key(target)):
-                    if frame.kind == "delta":
-                        ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - started_s
-                        texts.append(frame.text)
-                    elif frame.kind == "done":
-                        completion_tokens = frame.completion_tokens
-                    else:
-                        raise PeerUnavailable(f"peer {target.peer.node_id} failed: {frame.error}")
-            except PeerError as exc:
-                raise PeerUnavailable(f"peer {target.peer.node_id} failed while being judged: {exc}") from exc
-            elapsed_s = time.perf_counter() - started_s
-            counter.tick()
-            return ProbeAnswer("".join(texts), elapsed_s if ttft_s is None else ttft_s, completion_tokens, elapsed_s)
+    def _remote(self, target: RemoteExpert) -> Remote:
+        """A peer's expert as an `Expert`."""
+        return Remote(target, self._client, self._network)
 
-        return ask
+    def _peer_ask(self, target: RemoteExpert, counter: _Counter, *, max_tokens: int | None = None):
+        """Greedy probes to a peer's expert through the one remote adapter (its failures become trust evidence)."""
+        expert = self._remote(target)
+
+        async def peer_ask(item: ProbeItem) -> ProbeAnswer:
+            answer = await ask(expert, item.prompt, max_tokens=max_tokens or item.max_tokens)
+            counter.tick()
+            return answer
+
+        return peer_ask

@@ -13,10 +13,11 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field
 
 from node import keys
 from node.errors import InvalidRequest
@@ -27,12 +28,15 @@ from peers.client import PEER_PATH
 from peers.identity import node_id_from_public_key
 from peers.wire import (
     CONTENT_TYPE,
-    Limit,
+    Bool,
+    Bytes,
+    Int,
+    Items,
     NodeCard,
     SignedCard,
+    Str,
     WireError,
     WireMessage,
-    _wire,
     decode,
     encode,
     verify_card,
@@ -50,7 +54,7 @@ class Gossip(WireMessage):
     """Push: our hot cards (encoded signed cards)."""
 
     TYPE: ClassVar[str] = "gossip"
-    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(32)] = ()
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,8 @@ class GossipReply(WireMessage):
     """Pull: the partner's hot cards, and which of ours it already had."""
 
     TYPE: ClassVar[str] = "gossip_reply"
-    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
-    known: tuple[str, ...] = _wire((), max_len=32, item=Limit(max_len=64))
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(32)] = ()
+    known: Annotated[tuple[Annotated[Str, Field(max_length=64)], ...], Items(32)] = ()
 
 
 # Versions ride in a peer request, capped at 256 KiB by the peer guard: about 2,500 nodes' worth;
@@ -73,10 +77,10 @@ class Sync(WireMessage):
     """Anti-entropy: our directory's digest; then (when the partner's differs) our versions and what it lacks."""
 
     TYPE: ClassVar[str] = "gossip_sync"
-    digest: bytes = _wire(b"", max_len=32)
-    ids: tuple[str, ...] = _wire((), max_len=MAX_SYNC_IDS, item=Limit(max_len=64))
-    versions: tuple[int, ...] = _wire((), max_len=MAX_SYNC_IDS)
-    cards: tuple[bytes, ...] = _wire((), max_len=16, item=Limit(max_len=MAX_CARD_BYTES))
+    digest: Annotated[Bytes, Field(max_length=32)] = b""
+    ids: Annotated[tuple[Annotated[Str, Field(max_length=64)], ...], Items(MAX_SYNC_IDS)] = ()
+    versions: Annotated[tuple[Int, ...], Items(MAX_SYNC_IDS)] = ()
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(16)] = ()
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,10 @@ class SyncReply(WireMessage):
     """Anti-entropy answer: whether digests match, else our versions (first step) or the cards the asker lacks."""
 
     TYPE: ClassVar[str] = "gossip_sync_reply"
-    same: bool = False
-    ids: tuple[str, ...] = _wire((), max_len=MAX_SYNC_IDS, item=Limit(max_len=64))
-    versions: tuple[int, ...] = _wire((), max_len=MAX_SYNC_IDS)
-    cards: tuple[bytes, ...] = _wire((), max_len=32, item=Limit(max_len=MAX_CARD_BYTES))
+    same: Bool = False
+    ids: Annotated[tuple[Annotated[Str, Field(max_length=64)], ...], Items(MAX_SYNC_IDS)] = ()
+    versions: Annotated[tuple[Int, ...], Items(MAX_SYNC_IDS)] = ()
+    cards: Annotated[tuple[Annotated[Bytes, Field(max_length=MAX_CARD_BYTES)], ...], Items(32)] = ()
 
 
 def _versions(directory: pure.Directory) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -296,7 +300,7 @@ async def _gossip_route(request: web.Request) -> web.Response:
         message = decode(body, Gossip, max_bytes=MAX_GOSSIP_BYTES)
     except WireError as exc:
         raise InvalidRequest(str(exc)) from exc
-    reply = request.app[directory_key].on_gossip(message)
+    reply = request.config_dict[directory_key].on_gossip(message)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
@@ -307,7 +311,7 @@ async def _sync_route(request: web.Request) -> web.Response:
         message = decode(body, Sync, max_bytes=MAX_SYNC_BYTES)
     except WireError as exc:
         raise InvalidRequest(str(exc)) from exc
-    reply = request.app[directory_key].on_sync(message)
+    reply = request.config_dict[directory_key].on_sync(message)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
@@ -317,8 +321,8 @@ async def _listing(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "node_id": service.state.self_id, "data": service.listing()})
 
 
-def add_routes(app: web.Application) -> None:
-    """Mount the gossip route and the listing."""
-    app.router.add_post(f"{PEER_PATH}/gossip", _gossip_route)
-    app.router.add_post(f"{PEER_PATH}/gossip-sync", _sync_route)
+def add_routes(app: web.Application, peer_app: web.Application) -> None:
+    """Mount the gossip routes on the peer sub-app (at PEER_PATH) and the listing on the node app."""
+    peer_app.router.add_post("/gossip", _gossip_route)
+    peer_app.router.add_post("/gossip-sync", _sync_route)
     app.router.add_get("/v1/directory", _listing)

@@ -171,16 +171,16 @@ async def _join_route(request: web.Request) -> web.Response:
     body = await peer_body(request, 4096)
     try:
         message = decode(body, JoinRequest, max_bytes=4096)
-        node_id = check_join(message, request.app[relay_server_key].identity.node_id)
+        node_id = check_join(message, request.config_dict[relay_server_key].identity.node_id)
     except WireError as exc:
         raise (Forbidden if exc.status == 403 else InvalidRequest)(str(exc)) from exc
     try:
-        issued = request.app[admissions_key].redeem(secret_digest(message.secret), node_id, _now_ms())
+        issued = request.config_dict[admissions_key].redeem(secret_digest(message.secret), node_id, _now_ms())
     except PermissionError as exc:
         raise Forbidden(str(exc)) from exc
-    relays = issued.relay and request.app[keys.settings_key].relay
+    relays = issued.relay and request.config_dict[keys.settings_key].relay
     log.info("node %s joined with an invite%s", node_id, " (relayed here)" if relays else "")
-    reply = JoinReply(node_id=request.app[relay_server_key].identity.node_id, relay=relays)
+    reply = JoinReply(node_id=request.config_dict[relay_server_key].identity.node_id, relay=relays)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
@@ -264,9 +264,9 @@ async def _admissions(request: web.Request) -> web.Response:
     })
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, peer_app: web.Application) -> None:
     """Mount the join, invite and admission routes."""
-    app.router.add_post(f"{PEER_PATH}/join", _join_route)
+    peer_app.router.add_post("/join", _join_route)  # the peer sub-app, mounted at PEER_PATH
     app.router.add_post("/v1/invites", _create_invite)
     app.router.add_post("/v1/join", _join_user)
     app.router.add_get("/v1/admissions", _admissions)

@@ -17,6 +17,7 @@ from node.mesh.neighbours import Neighbours
 from node.mesh.neighbours import alive_peers as routable_peers
 from node.mesh.peer_store import PeerStore, RememberedPeer
 from node.mesh.punch import PUNCHED
+from node.serving.expert import TrustEvidence
 from node.serving.experts import ExpertPool
 from peers import table as peer_table
 from peers.addresses import dialable_origin
@@ -303,12 +304,13 @@ class Network:
         self._apply(peer_table.AddressLearned(url, "bootstrap", self._clock_ms()))
         self._hello_soon(url)
 
-    def note_misbehaviour(self, node_id: str, kind: str, detail: str) -> None:
+    def note_misbehaviour(self, node_id: str, evidence: TrustEvidence | str, detail: str) -> None:
         """Lower a peer's trust for what it did; a distrusted peer's experts are no longer offered."""
+        kind = TrustEvidence(evidence)  # an unknown kind is a bug here, not a milder penalty
         before = self.trust.get(node_id, Trust())
-        after = penalize(before, kind, detail, self._clock_ms())
+        after = penalize(before, kind.value, detail, self._clock_ms())
         self.trust[node_id] = after
-        log.warning("peer %s: %s (%s); trust %.2f", node_id, kind, detail, after.score)
+        log.warning("peer %s: %s (%s); trust %.2f", node_id, kind.value, detail, after.score)
         if after.distrusted and not before.distrusted:
             log.warning("peer %s is distrusted: its experts are no longer used", node_id)
 
@@ -318,7 +320,7 @@ class Network:
             measured = (completion_tokens - 1) / decode_s
             if measured * SPEED_LIE_FACTOR < claimed:
                 detail = f"{via}: {expert_id} claims {claimed:.0f} tokens/s, delivered {measured:.1f}"
-                self.note_misbehaviour(node_id, "speed_lie", detail)
+                self.note_misbehaviour(node_id, TrustEvidence.SPEED_LIE, detail)
                 return
         self.note_good_service(node_id)
 

@@ -20,12 +20,13 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field
 
-from peers.wire import WireError, WireMessage, _wire, decode, encode
+from peers.wire import Int, Str, WireError, WireMessage, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class PunchRequest(WireMessage):
     """The requester's port, bound and waiting to connect."""
 
     TYPE: ClassVar[str] = "punch_request"
-    port: int = _wire(min_value=1, max_value=65535)
+    port: Annotated[Int, Field(ge=1, le=65535)]
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class PunchReply(WireMessage):
     """The home node's public address (as its relay sees it) and the port it connects from."""
 
     TYPE: ClassVar[str] = "punch_reply"
-    ip: str = _wire(min_len=1, max_len=64)
-    port: int = _wire(min_value=1, max_value=65535)
+    ip: Annotated[Str, Field(min_length=1, max_length=64)]
+    port: Annotated[Int, Field(ge=1, le=65535)]
 
 
 def bound_socket(port: int = 0) -> socket.socket:

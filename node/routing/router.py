@@ -11,31 +11,33 @@ import secrets
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from bandit.community import CommunityUse
-from bandit.features import ExpertFeatures, ExpertId, NodeId, QueryFeatures, query_features
+from bandit.features import ExpertFeatures, QueryFeatures, query_features
 from bandit.ledger import (
     AlreadyRated,
     Decision,
     DecisionGroup,
     DecisionId,
     Ledger,
+    Rewarded,
     UnknownDecision,
     check_token,
     new_feedback_token,
     query_sha256,
+    replay,
     token_sha256,
 )
 from bandit.policy import Policy, PolicyLoadError, rng_for_decision, sample_index
-from node.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from node.errors import Conflict, Forbidden, NotFound
 from node.judging.trust import Assessment
-from node.mesh.network import Network, RemoteExpert
 from node.routing.community import Community
-from node.serving.experts import ExpertPool, LocalExpert
+from node.serving.expert import Expert
 from node.state_files import corrupt_ledger
 
 log = logging.getLogger(__name__)
@@ -68,16 +70,23 @@ class Candidate:
     """One expert on one node that may answer, with what the bandit sees of it."""
 
     features: ExpertFeatures
-    sha256: str
-    name: str
-    local: LocalExpert | None = None
-    remote: RemoteExpert | None = None
+    expert: Expert
     assessment: Assessment = field(default_factory=Assessment)
+
+    @property
+    def sha256(self) -> str:
+        """The model file's digest."""
+        return self.expert.card.sha256
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.expert.card.name
 
     @property
     def verified(self) -> bool:
         """Local, or remote and checked by this node (or a judge the user trusts)."""
-        return self.local is not None or self.assessment.verified
+        return self.expert.local or self.assessment.verified
 
 
 @dataclass(frozen=True)
@@ -89,51 +98,6 @@ class Routed:
     order: tuple[int, ...]
     token: str
     explanation: dict[str, Any]
-
-
-def _strings(value: Any, param: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value) and len(value) <= 256:
-        return tuple(value)
-    raise InvalidRequest(f"{param} must be a string or a list of at most 256 strings", param=param)
-
-
-def _scores(value: Any, param: str) -> dict[str, float]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or len(value) > 32:
-        raise InvalidRequest(f"{param} must be an object of dimension -> minimum score", param=param)
-    result = {}
-    for dimension, minimum in value.items():
-        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not 0 <= minimum <= 1:
-            raise InvalidRequest(f"{param}.{dimension} must be a number in [0, 1]", param=f"{param}.{dimension}")
-        result[str(dimension)] = float(minimum)
-    return result
-
-
-def parse_constraints(body: Mapping[str, Any] | None) -> RouteConstraints:
-    """Constraints from a request's `expertmesh` object; 400 naming the field when malformed."""
-    body = body or {}
-    local_only = body.get("local_only", False)
-    if not isinstance(local_only, bool):
-        raise InvalidRequest("expertmesh.local_only must be true or false", param="expertmesh.local_only")
-    verified_only = body.get("verified_only", False)
-    if not isinstance(verified_only, bool):
-        raise InvalidRequest("expertmesh.verified_only must be true or false", param="expertmesh.verified_only")
-    max_latency = body.get("max_latency_ms")
-    if max_latency is not None and (isinstance(max_latency, bool) or not isinstance(max_latency, (int, float)) or max_latency <= 0):
-        raise InvalidRequest("expertmesh.max_latency_ms must be a positive number", param="expertmesh.max_latency_ms")
-    return RouteConstraints(
-        approved=_strings(body.get("approved"), "expertmesh.approved"),
-        exclude=_strings(body.get("exclude"), "expertmesh.exclude"),
-        local_only=local_only,
-        max_latency_ms=None if max_latency is None else float(max_latency),
-        min_scores=_scores(body.get("min_scores"), "expertmesh.min_scores"),
-        verified_only=verified_only,
-    )
 
 
 def _matches(candidate: Candidate, patterns: Sequence[str]) -> bool:
@@ -201,7 +165,7 @@ def cap_unverified_share(probabilities: Sequence[float], unverified: Sequence[bo
 def _evidence_line(candidate: Candidate) -> str:
     """Which evidence backed the chosen expert, in words."""
     a = candidate.assessment
-    where = "local expert" if candidate.local is not None else ("verified remote expert" if a.verified else "unverified remote expert")
+    where = "local expert" if candidate.expert.local else ("verified remote expert" if a.verified else "unverified remote expert")
     return f"{where}; scores from {a.describe()}" + (f" ({', '.join(a.judges)})" if a.judges else "")
 
 
@@ -225,8 +189,7 @@ class Router:
 
     def __init__(
         self,
-        pool: ExpertPool,
-        network: Network,
+        experts: Callable[[], Sequence[Expert]],
         data_dir: Path,
         *,
         node_constraints: RouteConstraints = RouteConstraints(),
@@ -238,9 +201,8 @@ class Router:
         plain_words: bool = False,
         retention_days: float = 0.0,
     ) -> None:
-        self._pool = pool
+        self._experts = experts
         self.community = community
-        self._network = network
         self._node_constraints = node_constraints
         self._exploration = exploration
         self._assess = assess
@@ -290,19 +252,14 @@ class Router:
             self._save()
 
     def _replay(self) -> int:
-        """Teach the policy every rating it has not learned yet, in arrival order."""
-        learned = 0
-        for item in self.ledger.iter_rewarded(after_seq=self._learned_seq):
-            decision = item.decision
-            if decision.served_index == decision.chosen_index:
-                self._policy.learn(
-                    decision.query, decision.candidates, decision.chosen_index, decision.chosen_probability, item.reward
-                )
-                learned += 1
+        """Teach the policy every rating it has not learned yet, in arrival order (and count each for the community)."""
+
+        def seen(item: Rewarded) -> None:
             if self.community is not None:
                 self.community.record(item)
             self._learned_seq = item.seq
-        return learned
+
+        return replay(self.ledger, self._policy, after_seq=self._learned_seq, seen=seen)
 
     def _save(self) -> None:
         if self._policy is not None and self._policy.version != self._saved_version:
@@ -341,50 +298,10 @@ class Router:
 
     def candidates(self, constraints: RouteConstraints) -> list[Candidate]:
         """Alive, approved experts (local and remote) that meet the request's constraints."""
-        node_id = self._network.node_id
         found: list[Candidate] = []
-        for expert in self._pool:
-            spec = expert.spec
-            average_s = expert.average_request_s()
-            assessed = self._assess(spec.sha256, None)
-            features = ExpertFeatures(
-                expert_id=ExpertId(spec.id),
-                node_id=NodeId(node_id),
-                family=spec.family or "unknown",
-                params=spec.params or "unknown",
-                quantization=spec.quantization or "unknown",
-                scores=assessed.scores,
-                latency_ms_avg=None if average_s is None else average_s * 1000,
-                queue_depth=expert.queue_depth,
-                local=True,
-                running=expert.running,
-                waiting=expert.waiting,
-                tokens_per_s=expert.tokens_per_s() or None,
-                # Only specialists: for a plain model these would repeat its id, which doubles its learning rate.
-                base=getattr(expert, "base_sha256", "")[:12],
-                definition=getattr(expert, "definition_digest", "")[:12],
-            )
-            found.append(Candidate(features, spec.sha256, spec.name, local=expert, assessment=assessed))
-        for remote in self._network.remote_experts():
-            info = remote.info
-            assessed = self._assess(info.sha256, remote.peer.node_id)
-            features = ExpertFeatures(
-                expert_id=ExpertId(info.expert_id),
-                node_id=NodeId(remote.peer.node_id),
-                family=info.family or "unknown",
-                params=info.params or "unknown",
-                quantization=info.quantization or "unknown",
-                scores=assessed.scores,
-                latency_ms_avg=remote.peer.rtt_ms,
-                queue_depth=info.queue_depth,
-                local=False,
-                running=min(info.queue_depth, info.parallel),
-                waiting=max(0, info.queue_depth - info.parallel),
-                tokens_per_s=info.tokens_per_s,
-                base=info.base_sha256[:12],
-                definition=info.definition_digest[:12],
-            )
-            found.append(Candidate(features, info.sha256, info.name, remote=remote, assessment=assessed))
+        for expert in self._experts():
+            assessed = self._assess(expert.card.sha256, None if expert.local else expert.node_id)
+            found.append(Candidate(expert.features(assessed.scores), expert, assessed))
         return [c for c in found if _allowed(c, self._node_constraints) and _allowed(c, constraints)]
 
     async def route(self, text: str, constraints: RouteConstraints) -> Routed:

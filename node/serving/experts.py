@@ -8,9 +8,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Literal, NewType, Sequence
+from typing import Literal, NewType
 
 import jinja2
 
