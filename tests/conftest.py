@@ -12,7 +12,7 @@ from tests.model_guard import (  # noqa: F401 - hooks pytest finds here
     pytest_runtest_call,
     pytest_runtest_protocol,
 )
-from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, start_node
+from tests.nodes import GEMMA3_ID, SMOLLM2_ID, RunningNode, nat_internet, start_node
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
 def expert_ids() -> tuple[str, str]:
     """The ids of the two test experts."""
     return SMOLLM2_ID, GEMMA3_ID
+
+
+@pytest.fixture()
+def internet() -> Iterator[dict[str, str]]:
+    """Network namespaces: a public net, two NAT home routers and two homes (see tests/nodes.py: nat_internet)."""
+    with nat_internet() as namespaces:
+        yield namespaces

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -13,7 +14,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -429,3 +431,151 @@ def legacy_query(
             if reply["id"] == query_id and reply["response"] and wanted(reply):
                 return reply, source, own_port
     raise AssertionError(f"no wanted reply to {questions} sent to {destination}:{MDNS_PORT} within {timeout_s} s")
+
+
+# ---- two home routers with NAT in network namespaces (the relay and hole-punching tests) ----
+
+P1, P2 = "10.201.1.1", "10.201.2.1"
+HOME = {"a": "192.168.10.2", "b": "192.168.20.2"}
+
+
+NETNS_API_KEY = "relay-netns-key"
+NETNS_PORT = 8470
+NETNS_DEAD_AFTER_S = 4.0
+NETNS_WAIT_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def netns_run(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True, timeout=10)
+
+
+@contextlib.contextmanager
+def nat_internet() -> Iterator[dict[str, str]]:
+    """The namespaces: net (public), routers ra and rb (NAT), homes ha and hb."""
+    tag = uuid.uuid4().hex[:5]
+    ns = {k: f"em{k}{tag}" for k in ("net", "ra", "rb", "ha", "hb")}
+    try:
+        for name in ns.values():
+            netns_run("ip", "netns", "add", name)
+            netns_run("ip", "-n", name, "link", "set", "lo", "up")
+        for side, wan_net, wan_router, lan_router, lan_home in (
+            ("a", P1, "10.201.1.2", "192.168.10.1", HOME["a"]),
+            ("b", P2, "10.201.2.2", "192.168.20.1", HOME["b"]),
+        ):
+            router, home = ns[f"r{side}"], ns[f"h{side}"]
+            wan_a, wan_b, lan_a, lan_b = f"w{side}{tag}n", f"w{side}{tag}r", f"l{side}{tag}r", f"l{side}{tag}h"
+            netns_run("ip", "link", "add", wan_a, "type", "veth", "peer", "name", wan_b)
+            netns_run("ip", "link", "set", wan_a, "netns", ns["net"])
+            netns_run("ip", "link", "set", wan_b, "netns", router)
+            netns_run("ip", "link", "add", lan_a, "type", "veth", "peer", "name", lan_b)
+            netns_run("ip", "link", "set", lan_a, "netns", router)
+            netns_run("ip", "link", "set", lan_b, "netns", home)
+            for name, dev, address in (
+                (ns["net"], wan_a, f"{wan_net}/30"), (router, wan_b, f"{wan_router}/30"),
+                (router, lan_a, f"{lan_router}/24"), (home, lan_b, f"{lan_home}/24"),
+            ):
+                netns_run("ip", "-n", name, "addr", "add", address, "dev", dev)
+                netns_run("ip", "-n", name, "link", "set", dev, "up")
+            netns_run("ip", "-n", router, "route", "add", "default", "via", wan_net)
+            netns_run("ip", "-n", home, "route", "add", "default", "via", lan_router)
+            # The home router: masquerade out, answers back in, nothing new in.
+            netns_run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            netns_run("ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan_b, "-j", "MASQUERADE")
+            netns_run("ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", wan_b, "-m", "conntrack",
+                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            netns_run("ip", "netns", "exec", router, "iptables", "-A", "FORWARD", "-i", wan_b, "-j", "DROP")
+            netns_run("ip", "netns", "exec", router, "iptables", "-A", "INPUT", "-i", wan_b, "-m", "conntrack",
+                 "--ctstate", "NEW", "-j", "DROP")
+        yield ns
+    finally:
+        for name in ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
+class NetnsNode:
+    """A node process in a namespace."""
+
+    def __init__(self, ns: str, host: str, data_dir: Path, *args: str) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.ns, self.url, self.data_dir = ns, f"http://{host}:{NETNS_PORT}", data_dir
+        log_file = open(data_dir / "node.log", "ab")
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "node", "start", "--host", host, "--port", str(NETNS_PORT),
+             "--data-dir", str(data_dir), "--no-mdns", "--no-judge", "--api-key", NETNS_API_KEY, "--threads", "1",
+             "--hello-interval-s", "1", "--peer-dead-after-s", str(NETNS_DEAD_AFTER_S), *args],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), SAFE_KERNELS_ENV: "true" if safe_cpu_kernels() else "false"},
+        )
+        log_file.close()
+        deadline = time.monotonic() + 180
+        while not (data_dir / "node.json").exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((data_dir / "node.log").read_text()[-3000:])
+            time.sleep(0.2)
+        self.node_id = json.loads((data_dir / "node.json").read_text())["node_id"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def netns_python(ns: str, code: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """Run Python inside a namespace (only there is the node's address routable)."""
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout_s, cwd=REPO_ROOT)
+
+
+def netns_get(ns: str, url: str) -> dict | None:
+    code = (
+        "import json, urllib.request\n"
+        f"r = urllib.request.Request({url!r}, headers={{'Authorization': 'Bearer {NETNS_API_KEY}'}})\n"
+        "print(json.dumps(json.load(urllib.request.urlopen(r, timeout=5))))\n"
+    )
+    result = netns_python(ns, code, 20)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def netns_peer(ns: str, node: NetnsNode, peer_id: str) -> dict | None:
+    peers = netns_get(ns, node.url + "/v1/peers")
+    return next((p for p in (peers or {}).get("data", []) if p["id"] == peer_id), None)
+
+
+def netns_ask(ns: str, node: NetnsNode, model: str, extra: dict | None = None) -> tuple[str, dict, int]:
+    """Stream a chat completion from inside `ns`: (text, provenance, number of content chunks)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "The capital of France is"}],
+            "max_tokens": 8, "temperature": 0, "stream": True, **({"expertmesh": extra} if extra else {})}
+    code = (
+        "import json, urllib.request\n"
+        f"r = urllib.request.Request({node.url + '/v1/chat/completions'!r}, data={json.dumps(body).encode()!r},\n"
+        f"    headers={{'Authorization': 'Bearer {NETNS_API_KEY}', 'Content-Type': 'application/json'}})\n"
+        "text, prov, chunks = '', {}, 0\n"
+        "for line in urllib.request.urlopen(r, timeout=120):\n"
+        "    line = line.decode().strip()\n"
+        "    if not line.startswith('data: ') or line == 'data: [DONE]': continue\n"
+        "    c = json.loads(line[6:])\n"
+        "    assert 'error' not in c, c\n"
+        "    prov = c.get('expertmesh', prov)\n"
+        "    for ch in c.get('choices', []):\n"
+        "        piece = ch.get('delta', {}).get('content') or ''\n"
+        "        text += piece; chunks += bool(piece)\n"
+        "print(json.dumps([text, prov, chunks]))\n"
+    )
+    result = netns_python(ns, code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text, provenance, chunks = json.loads(result.stdout)
+    return text, provenance, chunks
+
+
+def netns_invite(ns: str, relay: NetnsNode) -> str:
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "node", "invite", "--node", relay.url, "--api-key", NETNS_API_KEY],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

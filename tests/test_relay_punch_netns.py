@@ -16,8 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import GEMMA3_ID
-from tests.test_relay_netns import HOME, P1, Node, _ask, _get, _invite, _peer, _wait, internet  # noqa: F401
+from tests.nodes import (
+    GEMMA3_ID,
+    HOME,
+    NETNS_WAIT_S,
+    P1,
+    REPO_ROOT,
+    NetnsNode,
+    netns_ask,
+    netns_get,
+    netns_invite,
+    netns_peer,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -27,7 +38,6 @@ pytestmark = [
 ]
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 WAN = {"a": "10.201.1.2", "b": "10.201.2.2"}  # the home routers' public addresses
 
 _PUNCH = """
@@ -57,7 +67,7 @@ def routed(internet) -> Iterator[dict[str, str]]:  # noqa: F811 (the fixture imp
 
 def _python(ns: str, code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
 
 
 def test_tcp_simultaneous_open_crosses_both_nats_where_a_plain_connect_does_not(routed) -> None:
@@ -79,26 +89,26 @@ def test_tcp_simultaneous_open_crosses_both_nats_where_a_plain_connect_does_not(
 @pytest.mark.model
 def test_home_nodes_punch_a_direct_path_and_show_it(routed, tmp_path: Path) -> None:
     ns = routed
-    nodes: list[Node] = []
+    nodes: list[NetnsNode] = []
     try:
-        p1 = Node(ns["net"], P1, tmp_path / "p1", "--model", "smollm2-135m", "--offer-relay")
+        p1 = NetnsNode(ns["net"], P1, tmp_path / "p1", "--model", "smollm2-135m", "--offer-relay")
         nodes.append(p1)
-        a = Node(ns["ha"], HOME["a"], tmp_path / "a", "--model", "gemma3-270m", "--join", _invite(ns["net"], p1))
+        a = NetnsNode(ns["ha"], HOME["a"], tmp_path / "a", "--model", "gemma3-270m", "--join", netns_invite(ns["net"], p1))
         nodes.append(a)
-        b = Node(ns["hb"], HOME["b"], tmp_path / "b", "--model", "smollm2-135m", "--join", _invite(ns["net"], p1))
+        b = NetnsNode(ns["hb"], HOME["b"], tmp_path / "b", "--model", "smollm2-135m", "--join", netns_invite(ns["net"], p1))
         nodes.append(b)
-        assert _get(ns["net"], a.url + "/healthz") is None  # still no inbound path to A's own address
-        punched = _wait(lambda: (p := _peer(ns["hb"], b, a.node_id)) and p["alive"] and p["reach"]["kind"] == "hole-punched" and p,
-                        "B to reach A over a punched connection")
+        assert netns_get(ns["net"], a.url + "/healthz") is None  # still no inbound path to A's own address
+        punched = wait_for(lambda: (p := netns_peer(ns["hb"], b, a.node_id)) and p["alive"] and p["reach"]["kind"] == "hole-punched" and p,
+                        "B to reach A over a punched connection", timeout_s=NETNS_WAIT_S)
         assert punched["reach"]["via"] == p1.node_id and punched["rtt_ms"] is not None, punched
         log.info("B reaches A hole-punched (set up via %s), rtt %.1f ms", p1.node_id, punched["rtt_ms"])
-        _wait(lambda: (p := _peer(ns["ha"], a, b.node_id)) and p["alive"] and p, "A to verify B")
-        text, provenance, chunks = _ask(ns["hb"], b, GEMMA3_ID)
+        wait_for(lambda: (p := netns_peer(ns["ha"], a, b.node_id)) and p["alive"] and p, "A to verify B", timeout_s=NETNS_WAIT_S)
+        text, provenance, chunks = netns_ask(ns["hb"], b, GEMMA3_ID)
         assert provenance["node"] == a.node_id and text.strip() and chunks >= 2
         cli = subprocess.run(["ip", "netns", "exec", ns["hb"], sys.executable, "-m", "node", "peers", "--node", b.url,
-                              "--api-key", "relay-netns-key"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+                              "--api-key", "relay-netns-key"], capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
         assert f"hole-punched via {p1.node_id}" in cli.stdout, cli.stdout + cli.stderr
-        after = _peer(ns["hb"], b, a.node_id)
+        after = netns_peer(ns["hb"], b, a.node_id)
         assert after and after["reach"]["kind"] == "hole-punched" and after["url"].startswith("http://127.0.0.1:"), after
     finally:
         for node in reversed(nodes):

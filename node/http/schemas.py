@@ -441,10 +441,10 @@ class Decision(_Out):
 
 
 class Reach(_Out):
-    """How this node reaches a peer: directly, or through a relay."""
+    """How this node reaches a peer: directly, through a hole punched with a relay's help, or through a relay."""
 
-    kind: Literal["direct", "relayed"]
-    via: str | None
+    kind: Literal["direct", "hole-punched", "relayed"]
+    via: str | None = Field(description="the relay node's id (relayed or hole-punched)")
     via_url: str | None
 
 
