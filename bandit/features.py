@@ -331,13 +331,13 @@ def context_line(query: QueryFeatures) -> str:
     return f"shared |q {words} |t {meta}"
 
 
-def action_line(expert: ExpertFeatures, task: Task | None = None) -> str:
-    """The action example of one expert; with `task`, adds its judged score for that task."""
+def action_line(expert: ExpertFeatures, task: Task | None = None, prior_scale: float = 1.0) -> str:
+    """The action example of one expert; with `task`, adds its judged score for that task, times `prior_scale`."""
     if task is not None:
         score = expert.task_score(task)
         if score is not None:
             # VW merges a repeated namespace, so the per-query score can follow the cached part.
-            return f"{expert.vw_line} |s {TASK_SCORE_FEATURE}:{_num(score)}"
+            return f"{expert.vw_line} |s {TASK_SCORE_FEATURE}:{_num(score * prior_scale)}"
     return expert.vw_line
 
 

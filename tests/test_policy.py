@@ -252,3 +252,27 @@ def test_other_explorations_work() -> None:
         policy.learn(q, [MATH, TRIVIA], 1, probs[1], 1.0)
     with pytest.raises(ValueError):
         Policy("thompson")
+
+
+def test_prior_evidence_fades_the_card_per_cell_and_is_saved(tmp_path: Path) -> None:
+    q = query_features("What is 12*7?")
+    policy = Policy(prior_evidence=4.0)
+    assert policy.prior_scale(MATH, q.task) == 1.0
+    # MATH's card says 0.9 on arithmetic but it keeps failing: after 4 ratings its card counts half.
+    for _ in range(4):
+        probs = policy.probabilities(q, [MATH, TRIVIA])
+        policy.learn(q, [MATH, TRIVIA], 0, probs[0], 0.0)
+    assert policy.prior_scale(MATH, q.task) == pytest.approx(0.5)
+    assert policy.prior_scale(TRIVIA, q.task) == 1.0  # never tried there: its card stands
+    assert policy.prior_scale(MATH, query_features("Who wrote Hamlet?").task) == 1.0
+    explained = dict(policy.top_features(q, MATH, k=50))
+    assert "s^task_score" in explained
+    path = tmp_path / "policy.bin"
+    policy.save(path)
+    loaded = Policy.load(path)
+    assert loaded.prior_scale(MATH, q.task) == pytest.approx(0.5)
+    assert loaded.probabilities(q, [MATH, TRIVIA]) == pytest.approx(policy.probabilities(q, [MATH, TRIVIA]))
+    # Off (the default), the card never fades.
+    plain = Policy()
+    plain.learn(q, [MATH, TRIVIA], 0, 0.5, 0.0)
+    assert plain.prior_scale(MATH, q.task) == 1.0
