@@ -156,9 +156,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         spot_check_interval_s=settings.spot_check_interval_s,
         trusted_judges=settings.trusted_judges,
     )
-    network.card_extras = judging.hello_cards
-    network.on_peer_card = judging.accept_node_card
-    network.claimed_tokens_per_s = judging.claimed_tokens_per_s
+    network.attach(cards=judging)
     await judging.start()
     app[api.judging_key] = judging
     try:
@@ -181,8 +179,7 @@ def _community(settings: Settings, identity: NodeIdentity, network: Network) -> 
         trust_of=trust_of,
         on_bad_summary=lambda node_id, detail: network.note_misbehaviour(node_id, "bad_summary", detail),
     )
-    network.learning = community.published
-    network.on_peer_learning = community.accept
+    network.attach(learning=community)
     return community
 
 
