@@ -51,12 +51,10 @@ class QueryPipeline:
         experts: ExpertSource,
         *,
         proposer_min_score: float,
-        decompose_default: bool = False,
     ) -> None:
         self._router = router
         self._experts = experts
         self._proposer_min_score = proposer_min_score
-        self.decompose_default = decompose_default
 
     # ---- the one entry point ---------------------------------------------------------------
 
