@@ -24,6 +24,7 @@ from node.serving.expert import (
 )
 from node.serving.experts import Delta, ExpertPool, Finished, GenerationEvent, GenerationParams
 from peers.client import PeerClient, PeerError, PeerRejected
+from peers.identity import NodeId as PeerNodeId
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
 
@@ -142,7 +143,7 @@ class Remote:
             top_p=params.top_p,
             stop=params.stop,
             seed=params.seed,
-            origin_node=self._network.node_id,
+            origin_node=PeerNodeId(self._network.node_id),
             hops=1,
             response_format=params.response_format,
         )
@@ -184,7 +185,7 @@ class Remote:
                     self._note(exc, mid_stream=True)
                     raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
         finally:
-            await frames.aclose()
+            await frames.aclose()  # type: ignore[attr-defined]
 
     def _note(self, exc: BaseException, *, mid_stream: bool) -> None:
         """Record a failure as trust evidence when it is evidence."""

@@ -303,6 +303,7 @@ class Router:
                 self.community.record(item)
             self._learned_seq = item.seq
 
+        assert self._policy is not None  # loaded before anything is replayed
         return replay(self.ledger, self._policy, after_seq=self._learned_seq, seen=seen)
 
     def _save(self) -> None:

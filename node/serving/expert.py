@@ -7,7 +7,7 @@ import enum
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, AsyncIterator, Mapping, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, AsyncContextManager, AsyncGenerator, AsyncIterator, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import InvalidRequest, NodeError
@@ -136,7 +136,7 @@ class Expert(Protocol):
         ...
 
 
-async def run(expert: Expert, prepared: Prepared, params: GenerationParams) -> AsyncIterator[GenerationEvent]:
+async def run(expert: Expert, prepared: Prepared, params: GenerationParams) -> AsyncGenerator[GenerationEvent, None]:
     """One admitted answer as events; closing (or cancelling) the iterator frees the place."""
     async with expert.admit():
         async for event in expert.generate(prepared, params):
@@ -284,4 +284,4 @@ class Local:
                 meter.see(event)
                 yield event
         finally:
-            await events.aclose()
+            await events.aclose()  # type: ignore[attr-defined]
