@@ -93,7 +93,7 @@ class QueryPipeline:
         """A query for one named expert: on this node, or on the first peer hosting it that answers."""
         experts = self.resolve(query.model)
         try:
-            started = await first_answering(experts, query.prompt, query.params)
+            started = await first_answering(experts, query.prompt, query.params, final=InvalidRequest)
         except Exhausted as exc:
             raise self._named_failure(experts, exc) from None
         expert = started.expert
