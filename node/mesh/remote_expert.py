@@ -35,9 +35,16 @@ class Remote:
     """One expert on one alive peer as an `Expert`: its card from the peer's hello, answers over the peer API."""
 
     def __init__(
-        self, remote: RemoteExpert, client: PeerClient, network: Network, metrics: NodeMetrics | None = None
+        self,
+        remote: RemoteExpert,
+        client: PeerClient,
+        network: Network,
+        metrics: NodeMetrics | None = None,
+        *,
+        via: str = "forwarded answer",
     ) -> None:
         self.remote = remote
+        self._via = via  # what the evidence says this node was doing: a forwarded answer, a spot check...
         self._client = client
         self._network = network
         self._metrics = metrics
@@ -170,7 +177,7 @@ class Remote:
                 elif frame.kind == "done":
                     self._network.check_speed(
                         node_id, expert_id, self._card.claimed_tokens_per_s, frame.completion_tokens,
-                        time.perf_counter() - first_s, via="forwarded answer",
+                        time.perf_counter() - first_s, via=self._via,
                     )
                     event = Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
                 else:
@@ -191,7 +198,7 @@ class Remote:
         """Record a failure as trust evidence when it is evidence."""
         evidence = classify_peer_failure(exc, mid_stream=mid_stream)
         if evidence is not None:
-            self._network.note_misbehaviour(self.node_id, evidence, f"{self._card.expert_id}: {exc}")
+            self._network.note_misbehaviour(self.node_id, evidence, f"{self._via}: {self._card.expert_id}: {exc}")
 
 
 class Experts:
