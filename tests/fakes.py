@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import ExpertBusy, InvalidRequest, NodeError

@@ -19,8 +19,8 @@ from node.errors import (
 from node.http import api
 from node.http.access import is_loopback_host
 from node.http.peer_guard import MAX_PEER_BODY_BYTES, body_key, signer_key, stream_reply_headers
-from node.mesh.adopt import definition_message
 from node.keys import experts_key
+from node.mesh.adopt import definition_message
 from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import forwarded_grammar

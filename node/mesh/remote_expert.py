@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import ExpertBusy, InvalidRequest, PeerUnavailable
-from node.metrics import NodeMetrics
 from node.mesh.network import Network, RemoteExpert
+from node.metrics import NodeMetrics
 from node.serving.expert import (
     Expert,
     ExpertCard,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 from node.errors import NodeError
 from node.serving.expert import Expert, Prompt, run
@@ -54,7 +55,7 @@ class Stream:
         self._owned = (events, *owned)
         self._first = first
 
-    def __aiter__(self) -> "Stream":
+    def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> Any:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Protocol, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 from node.errors import ExpertBusy, InvalidRequest, ModelNotFound, NodeError, PeerUnavailable
 from node.judging.runner import ask

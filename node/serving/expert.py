@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, AsyncGenerator, AsyncIterator, Mapping, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import InvalidRequest, NodeError
@@ -89,7 +90,7 @@ class Prepared:
 
 
 # A chat, or (local experts only) a raw completion prompt.
-Prompt = Union[Sequence[ChatMessage], str]
+Prompt = Sequence[ChatMessage] | str
 
 
 @runtime_checkable
@@ -127,7 +128,7 @@ class Expert(Protocol):
         """Make a prompt ready (tokenize it); bad prompts fail here, before a place is taken."""
         ...
 
-    def admit(self) -> AsyncContextManager[None]:
+    def admit(self) -> AbstractAsyncContextManager[None]:
         """Hold a place for one request (429 at once when full); the place comes back however the block ends."""
         ...
 
