@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peers import wire
-from peers.identity import NodeIdentity
+from peers import wire  # noqa: E402 (after the path insert)
+from peers.identity import NodeIdentity  # noqa: E402
 
 BASELINE_COMMIT = "c376ad3"  # the last commit with the hand-written `Limit` validator
 MAX_BYTES = 1 << 20

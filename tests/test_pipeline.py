@@ -304,3 +304,43 @@ async def test_an_answer_closed_before_it_is_read_gives_its_place_back(make_pipe
         assert one.held + two.held == 1
         await answer.events.aclose()
         assert one.held == two.held == 0
+
+
+class _Hosts(_Source):
+    """An expert source whose only expert is hosted by peers."""
+
+    def __init__(self, hosts: list[Remote]) -> None:
+        super().__init__([])
+        self.hosts = hosts
+
+    def hosts_of(self, expert_id: str) -> list[Expert]:
+        return [h for h in self.hosts if h.card.expert_id == expert_id]
+
+    def remote(self) -> list[Expert]:
+        return list(self.hosts)
+
+
+async def test_a_named_remote_expert_is_asked_host_by_host(make_pipeline) -> None:
+    network = TrustRecorder()
+    done = GenerateFrame(kind="done", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+    garbage = _remote(FakePeerClient(error=PeerProtocolError("junk")), network, "node-junk")
+    good = _remote(FakePeerClient(frames=[GenerateFrame(kind="delta", text="Hi"), done]), network, "node-good")
+    _, router = await make_pipeline([])
+    pipeline = QueryPipeline(router, _Hosts([garbage, good]), proposer_min_score=2.0)
+    answer = await pipeline.answer(Query("peer-model@abc", _chat("hi"), PARAMS))
+    text, _, _ = await _drain(answer.events)
+    assert (answer.node_id, text) == ("node-good", "Hi")
+    assert network.evidence == [("node-junk", TrustEvidence.GARBAGE)] and network.good == ["node-good"]
+
+
+async def test_every_host_busy_is_busy_with_the_shortest_wait(make_pipeline) -> None:
+    network = TrustRecorder()
+    hosts = [
+        _remote(FakePeerClient(error=PeerRejected(429, "busy", retry_after_s=5)), network, "node-1"),
+        _remote(FakePeerClient(error=PeerRejected(429, "busy", retry_after_s=2)), network, "node-2"),
+    ]
+    _, router = await make_pipeline([])
+    pipeline = QueryPipeline(router, _Hosts(hosts), proposer_min_score=2.0)
+    with pytest.raises(ExpertBusy, match="every peer hosting peer-model@abc is busy") as caught:
+        await pipeline.answer(Query("peer-model@abc", _chat("hi"), PARAMS))
+    assert caught.value.retry_after_s == 2 and network.evidence == []

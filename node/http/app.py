@@ -30,6 +30,7 @@ from node.pipeline import QueryPipeline
 from node.routing.community import Community
 from node.routing.router import RouteConstraints, Router
 from node.serving import catalog, selfcheck
+from node.serving.expert import TrustEvidence
 from node.serving.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
 from node.serving.specialist_serving import build_specialists
 from node.serving.specialists import folder_definitions, resolve_definition
@@ -155,9 +156,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
         spot_check_interval_s=settings.spot_check_interval_s,
         trusted_judges=settings.trusted_judges,
     )
-    network.card_extras = judging.hello_cards
-    network.on_peer_card = judging.accept_node_card
-    network.claimed_tokens_per_s = judging.claimed_tokens_per_s
+    network.attach(cards=judging)
     await judging.start()
     app[api.judging_key] = judging
     try:
@@ -178,10 +177,9 @@ def _community(settings: Settings, identity: NodeIdentity, network: Network) -> 
         share=settings.share_learning,
         use=settings.use_community_learning,
         trust_of=trust_of,
-        on_bad_summary=lambda node_id, detail: network.note_misbehaviour(node_id, "bad_summary", detail),
+        on_bad_summary=lambda node_id, detail: network.note_misbehaviour(node_id, TrustEvidence.BAD_SUMMARY, detail),
     )
-    network.learning = community.published
-    network.on_peer_learning = community.accept
+    network.attach(learning=community)
     return community
 
 
@@ -209,9 +207,7 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
     await router.start()
     app[api.router_key] = router
     app[experts_key] = experts
-    app[pipeline_key] = QueryPipeline(
-        router, experts, proposer_min_score=settings.decompose_proposer_min_score, decompose_default=settings.decompose_default
-    )
+    app[pipeline_key] = QueryPipeline(router, experts, proposer_min_score=settings.decompose_proposer_min_score)
     try:
         yield
     finally:

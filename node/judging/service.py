@@ -217,7 +217,11 @@ class Judging:
                 s for s in signed
                 if s.card.owner_node_id == node_id and expert is not None and s.card.model_sha256 == expert.spec.sha256
             ]
-            ours.sort(key=lambda s: (s.card.judge_node_id != node_id, -judge_weight(s.card.judge_node_id, self._trusted, self._records), -s.card.issued_ms))
+            ours.sort(key=lambda s: (
+                s.card.judge_node_id != node_id,
+                -judge_weight(s.card.judge_node_id, self._trusted, self._records),
+                -s.card.issued_ms,
+            ))
             self._encoded[eid] = tuple(encode_signed_card(s) for s in ours[:MAX_CARDS_PER_EXPERT])
 
     def assessment(self, sha256: str, owner: str | None = None) -> Assessment:
@@ -430,6 +434,7 @@ class Judging:
         dimensions: Sequence[str] | None = None,
         items_per_dimension: int = DEFAULT_PEER_ITEMS_PER_DIMENSION,
         progress: Progress | None = None,
+        via: str = "judging run",
     ) -> SignedCapabilityCard:
         """Judge a peer's expert through its peer API on a random sample plus private items; sign as the judge."""
         target = self._find_remote(node_id, expert_id)
@@ -441,7 +446,7 @@ class Judging:
         items = choose_independent_items(suites, items_per_dimension, rng, private)
         counter = _Counter(expert_id, len(items), progress)
         async with self._lock:
-            results = await run_probes(self._peer_ask(target, counter), items, judge_ask=judge_ask)
+            results = await run_probes(self._peer_ask(target, counter, via=via), items, judge_ask=judge_ask)
         scores, performance = summarize_run(results, expert_id, target.info.sha256, target.info.n_ctx)
         card = CapabilityCard(
             expert_id=expert_id,
@@ -482,7 +487,9 @@ class Judging:
             except NodeError as exc:
                 log.info("spot check failed: %s", exc.message)
 
-    async def verify_remote(self, target: RemoteExpert, item: ProbeItem, *, items_per_dimension: int = 2) -> bool:
+    async def verify_remote(
+        self, target: RemoteExpert, item: ProbeItem, *, items_per_dimension: int = 2, via: str = "spot check (verification)"
+    ) -> bool:
         """Check a peer's claim about its expert with this node's own evidence; True when it held.
 
         Same model file here: one greedy probe (temperature 0, seed 0) whose answer must equal
@@ -493,7 +500,7 @@ class Judging:
         twin = next((e for e in self._pool if e.spec.sha256 == sha256), None)
         if twin is not None:
             max_tokens = min(item.max_tokens, SPOT_CHECK_MAX_TOKENS)
-            ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=max_tokens)
+            ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=max_tokens, via=via)
             try:
                 theirs = await ask(item)
             except NodeError as exc:  # trust evidence, where the failure is evidence, is noted by the adapter
@@ -513,7 +520,7 @@ class Judging:
                 node_id, TrustEvidence.MODEL_MISMATCH, f"{target.info.expert_id}: greedy answer differs from this node's copy of {sha256[:12]}"
             )
             return False
-        signed = await self.judge_peer(node_id, target.info.expert_id, items_per_dimension=items_per_dimension)
+        signed = await self.judge_peer(node_id, target.info.expert_id, items_per_dimension=items_per_dimension, via=via)
         claims = [c for c in self._cards.get(sha256, ()) if c.self_judged and c.owner_node_id == node_id]
         flags = [f for f in flag_disagreements([*claims, signed.card]) if f.judge_node_id == self._identity.node_id]
         if flags:
@@ -525,7 +532,7 @@ class Judging:
     async def spot_check(self, target: RemoteExpert, item: ProbeItem) -> None:
         """One probe to a peer's expert: speed against its claim, and the protocol kept; evidence on failure."""
         node_id = target.peer.node_id
-        ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=SPOT_CHECK_MAX_TOKENS)
+        ask = self._peer_ask(target, _Counter(target.info.expert_id, 1, None), max_tokens=SPOT_CHECK_MAX_TOKENS, via="spot check")
         try:
             answer = await ask(item)
         except NodeError as exc:  # trust evidence, where the failure is evidence, is noted by the adapter
@@ -542,13 +549,13 @@ class Judging:
                 return remote
         raise ModelNotFound(f"no alive peer {node_id!r} hosting {expert_id!r}", param="expert")
 
-    def _remote(self, target: RemoteExpert) -> Remote:
-        """A peer's expert as an `Expert`."""
-        return Remote(target, self._client, self._network)
+    def _remote(self, target: RemoteExpert, via: str = "judging run") -> Remote:
+        """A peer's expert as an `Expert`; `via` names what this node was doing, in any evidence."""
+        return Remote(target, self._client, self._network, via=via)
 
-    def _peer_ask(self, target: RemoteExpert, counter: _Counter, *, max_tokens: int | None = None):
+    def _peer_ask(self, target: RemoteExpert, counter: _Counter, *, max_tokens: int | None = None, via: str):
         """Greedy probes to a peer's expert through the one remote adapter (its failures become trust evidence)."""
-        expert = self._remote(target)
+        expert = self._remote(target, via)
 
         async def peer_ask(item: ProbeItem) -> ProbeAnswer:
             answer = await ask(expert, item.prompt, max_tokens=max_tokens or item.max_tokens)

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from node.config import Settings
 from node.errors import Forbidden
@@ -66,6 +67,21 @@ def stable_digest(card: NodeCard) -> str:
     return card_digest(steady)
 
 
+class CardKeeper(Protocol):
+    """What the judge does for the network: the cards our hello carries, and keeping those a peer's carries."""
+
+    def hello_cards(self, expert_id: str) -> Sequence[bytes]: ...
+    def claimed_tokens_per_s(self, expert_id: str) -> float | None: ...
+    def accept_node_card(self, card: NodeCard) -> Awaitable[None]: ...
+
+
+class LearningExchange(Protocol):
+    """What community learning does for the network: our signed summary, and peers' summaries taken in."""
+
+    def published(self) -> bytes: ...
+    def accept(self, node_id: str, data: bytes) -> object: ...
+
+
 @dataclass(frozen=True)
 class RemoteExpert:
     """An expert hosted by an alive peer."""
@@ -93,14 +109,10 @@ class Network:
         self._client = client
         self._store = store
         self._clock_ms = clock_ms
-        # Set by the judge once it exists: the cards a local expert's hello entry carries, and
-        # what to do with a verified peer card (keep the capability cards it carries).
-        self.card_extras: Callable[[str], Sequence[bytes]] = lambda _expert_id: ()
-        self.on_peer_card: Callable[[NodeCard], Awaitable[None]] | None = None
-        self.claimed_tokens_per_s: Callable[[str], float | None] = lambda _expert_id: None
-        # Set by community learning: our signed learning summary for hellos, and what to do with a peer's.
-        self.learning: Callable[[], bytes] = lambda: b""
-        self.on_peer_learning: Callable[[str, bytes], object] = lambda _node_id, _data: None
+        # The judge and community learning need this network to exist, and it needs them: they are
+        # attached once built (`attach`), through the typed interfaces below, never patched in.
+        self._cards: CardKeeper | None = None
+        self._learning: LearningExchange | None = None
         # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
         self.is_refused: Callable[[str], bool] = lambda _node_id: False
         # Set by the relay module: try a hole-punched path to a peer reached through a relay.
@@ -122,6 +134,13 @@ class Network:
         self._loop_task: asyncio.Task | None = None
         self._mdns = None
         self._db = asyncio.Lock()
+
+    def attach(self, *, cards: CardKeeper | None = None, learning: LearningExchange | None = None) -> None:
+        """Connect the judge (cards in hellos, peers' cards kept) and community learning (summaries in hellos)."""
+        if cards is not None:
+            self._cards = cards
+        if learning is not None:
+            self._learning = learning
 
     # ---- our own card ---------------------------------------------------------------
 
@@ -149,8 +168,8 @@ class Network:
                 n_ctx=e.spec.n_ctx,
                 queue_depth=e.queue_depth,
                 queue_size=e.capacity - 1,
-                tokens_per_s=self.claimed_tokens_per_s(e.spec.id),
-                cards=tuple(self.card_extras(e.spec.id)),
+                tokens_per_s=None if self._cards is None else self._cards.claimed_tokens_per_s(e.spec.id),
+                cards=() if self._cards is None else tuple(self._cards.hello_cards(e.spec.id)),
                 parallel=e.parallel,
                 # Specialists say which base and definition they are, so a peer can fetch and adopt them.
                 base_sha256=getattr(e, "base_sha256", ""),
@@ -267,7 +286,7 @@ class Network:
             if known is not None and known.card is not None and known.card.public_key == card.public_key and self.is_verified_peer(card.node_id):
                 # Cards and learning summaries count only from a peer this node's own hello verified.
                 self._peer_card(card)
-                self.on_peer_learning(card.node_id, hello.learning)
+                self._peer_learning(card.node_id, hello.learning)
             urls = [u for u in (self.dialable(a) for a in card.addresses[:MAX_ADDRESSES_PER_CARD]) if u is not None]
             for url in urls:
                 if known is None or known.url != url:
@@ -275,7 +294,7 @@ class Network:
             if known is None:
                 for url in urls[:1]:
                     self._hello_soon(url)
-        return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms, learning=self.learning())
+        return HelloReply(card=self.signed_card(), echo_sent_ms=hello.sent_ms, learning=self._published())
 
     def is_verified_peer(self, node_id: str) -> bool:
         """Whether `node_id` answered this node's own hello recently and is not distrusted."""
@@ -382,8 +401,17 @@ class Network:
 
     def _peer_card(self, card: NodeCard) -> None:
         """Hand a verified peer card to whoever keeps its capability cards."""
-        if self.on_peer_card is not None and any(e.cards for e in card.experts):
-            self._spawn(self.on_peer_card(card))
+        if self._cards is not None and any(e.cards for e in card.experts):
+            self._spawn(self._cards.accept_node_card(card))
+
+    def _published(self) -> bytes:
+        """This node's signed learning summary for hellos (empty when not sharing)."""
+        return b"" if self._learning is None else self._learning.published()
+
+    def _peer_learning(self, node_id: str, data: bytes) -> None:
+        """A verified peer's learning summary, for community learning."""
+        if self._learning is not None:
+            self._learning.accept(node_id, data)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -415,7 +443,7 @@ class Network:
             source = self._source_of(url)
             started_s = time.perf_counter()
             try:
-                hello = Hello(card=self.signed_card(), sent_ms=self._clock_ms(), learning=self.learning())
+                hello = Hello(card=self.signed_card(), sent_ms=self._clock_ms(), learning=self._published())
                 reply = await self._client.hello(url, hello)
                 card = verify_card(reply.card)
             except (PeerError, WireError) as exc:
@@ -431,7 +459,7 @@ class Network:
                 return
             self._try_direct(url, card, now)
             self._peer_card(card)
-            self.on_peer_learning(card.node_id, reply.learning)
+            self._peer_learning(card.node_id, reply.learning)
             if not was_alive:
                 log.info("peer %s at %s (%d experts, rtt %.1f ms)", card.node_id, url, len(card.experts), rtt_ms)
                 # A new acquaintance is asked whom it knows, so a network forms in seconds, not exchange rounds.

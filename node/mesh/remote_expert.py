@@ -25,6 +25,7 @@ from node.serving.expert import (
 )
 from node.serving.experts import Delta, ExpertPool, Finished, GenerationEvent, GenerationParams
 from peers.client import PeerClient, PeerError, PeerRejected
+from peers.identity import NodeId as PeerNodeId
 from peers.wire import ChatMessage as WireChatMessage
 from peers.wire import GenerateRequest
 
@@ -35,9 +36,16 @@ class Remote:
     """One expert on one alive peer as an `Expert`: its card from the peer's hello, answers over the peer API."""
 
     def __init__(
-        self, remote: RemoteExpert, client: PeerClient, network: Network, metrics: NodeMetrics | None = None
+        self,
+        remote: RemoteExpert,
+        client: PeerClient,
+        network: Network,
+        metrics: NodeMetrics | None = None,
+        *,
+        via: str = "forwarded answer",
     ) -> None:
         self.remote = remote
+        self._via = via  # what the evidence says this node was doing: a forwarded answer, a spot check...
         self._client = client
         self._network = network
         self._metrics = metrics
@@ -143,7 +151,7 @@ class Remote:
             top_p=params.top_p,
             stop=params.stop,
             seed=params.seed,
-            origin_node=self._network.node_id,
+            origin_node=PeerNodeId(self._network.node_id),
             hops=1,
             response_format=params.response_format,
         )
@@ -170,7 +178,7 @@ class Remote:
                 elif frame.kind == "done":
                     self._network.check_speed(
                         node_id, expert_id, self._card.claimed_tokens_per_s, frame.completion_tokens,
-                        time.perf_counter() - first_s, via="forwarded answer",
+                        time.perf_counter() - first_s, via=self._via,
                     )
                     event = Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
                 else:
@@ -185,13 +193,13 @@ class Remote:
                     self._note(exc, mid_stream=True)
                     raise PeerUnavailable(f"peer {node_id} failed mid-answer: {exc}") from exc
         finally:
-            await frames.aclose()
+            await frames.aclose()  # type: ignore[attr-defined]
 
     def _note(self, exc: BaseException, *, mid_stream: bool) -> None:
         """Record a failure as trust evidence when it is evidence."""
         evidence = classify_peer_failure(exc, mid_stream=mid_stream)
         if evidence is not None:
-            self._network.note_misbehaviour(self.node_id, evidence, f"{self._card.expert_id}: {exc}")
+            self._network.note_misbehaviour(self.node_id, evidence, f"{self._via}: {self._card.expert_id}: {exc}")
 
 
 class Experts:

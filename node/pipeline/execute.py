@@ -71,8 +71,13 @@ class Stream:
             await events.aclose()  # type: ignore[attr-defined]
 
 
-async def first_answering(experts: Sequence[Expert], prompt: Prompt, params: GenerationParams) -> Started:
+async def first_answering(
+    experts: Sequence[Expert], prompt: Prompt, params: GenerationParams, *, final: type[NodeError] | None = None
+) -> Started:
     """Try the experts in order until one produces its first event; raise `Exhausted` when none does.
+
+    A failure of type `final` ends the search at once (a peer refusing the request as malformed
+    would be refused by the next host of the same expert too).
 
     An expert that fails before its first event frees its place at once (the admission context ends
     with the failed stream), so the next one is tried with nothing held.
@@ -86,6 +91,8 @@ async def first_answering(experts: Sequence[Expert], prompt: Prompt, params: Gen
         except NodeError as exc:
             log.info("%s on %s failed before answering: %s", expert.card.expert_id, expert.node_id, exc.message)
             failures.append(Failure(expert, exc))
+            if final is not None and isinstance(exc, final):
+                break
             continue
         return Started(expert, position, Stream(events, first=first), tuple(failures))
     raise Exhausted(failures)

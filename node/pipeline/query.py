@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from node.routing.router import RouteConstraints
 from node.serving.expert import Prompt
@@ -42,7 +42,7 @@ class PartServed:
     fallback: Mapping[str, str] | None = None
 
 
-Event = Union[GenerationEvent, PartServed]
+Event = GenerationEvent | PartServed
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,10 @@ class QueryPipeline:
         experts: ExpertSource,
         *,
         proposer_min_score: float,
-        decompose_default: bool = False,
     ) -> None:
         self._router = router
         self._experts = experts
         self._proposer_min_score = proposer_min_score
-        self.decompose_default = decompose_default
 
     # ---- the one entry point ---------------------------------------------------------------
 
@@ -96,7 +94,7 @@ class QueryPipeline:
         """A query for one named expert: on this node, or on the first peer hosting it that answers."""
         experts = self.resolve(query.model)
         try:
-            started = await first_answering(experts, query.prompt, query.params)
+            started = await first_answering(experts, query.prompt, query.params, final=InvalidRequest)
         except Exhausted as exc:
             raise self._named_failure(experts, exc) from None
         expert = started.expert

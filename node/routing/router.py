@@ -145,13 +145,13 @@ def cap_unverified_share(probabilities: Sequence[float], unverified: Sequence[bo
     Nothing moves when every candidate is unverified (there is nowhere to move it).
     """
     probs = [max(0.0, float(p)) for p in probabilities]
-    mass = sum(p for p, u in zip(probs, unverified) if u)
+    mass = sum(p for p, u in zip(probs, unverified, strict=True) if u)
     if mass <= cap or all(unverified) or not any(unverified):
         return probs
-    verified_mass = sum(p for p, u in zip(probs, unverified) if not u)
+    verified_mass = sum(p for p, u in zip(probs, unverified, strict=True) if not u)
     verified_count = sum(1 for u in unverified if not u)
     out = []
-    for p, u in zip(probs, unverified):
+    for p, u in zip(probs, unverified, strict=True):
         if u:
             out.append(p * cap / mass)
         elif verified_mass > 0:
@@ -259,6 +259,7 @@ class Router:
                 self.community.record(item)
             self._learned_seq = item.seq
 
+        assert self._policy is not None  # loaded before anything is replayed
         return replay(self.ledger, self._policy, after_seq=self._learned_seq, seen=seen)
 
     def _save(self) -> None:
@@ -330,7 +331,7 @@ class Router:
                     "verified": c.verified,
                     "evidence": c.assessment.describe(),
                 }
-                for c, p in sorted(zip(candidates, probabilities), key=lambda cp: -cp[1])
+                for c, p in sorted(zip(candidates, probabilities, strict=True), key=lambda cp: -cp[1])
             ],
             "evidence": _evidence_line(candidates[chosen]),
             "top_features": [[name, round(weight, 4)] for name, weight in top],

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncContextManager, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import InvalidRequest, NodeError
@@ -90,7 +90,7 @@ class Prepared:
 
 
 # A chat, or (local experts only) a raw completion prompt.
-Prompt = Union[Sequence[ChatMessage], str]
+Prompt = Sequence[ChatMessage] | str
 
 
 @runtime_checkable
@@ -128,7 +128,7 @@ class Expert(Protocol):
         """Make a prompt ready (tokenize it); bad prompts fail here, before a place is taken."""
         ...
 
-    def admit(self) -> AsyncContextManager[None]:
+    def admit(self) -> AbstractAsyncContextManager[None]:
         """Hold a place for one request (429 at once when full); the place comes back however the block ends."""
         ...
 
@@ -137,7 +137,7 @@ class Expert(Protocol):
         ...
 
 
-async def run(expert: Expert, prepared: Prepared, params: GenerationParams) -> AsyncIterator[GenerationEvent]:
+async def run(expert: Expert, prepared: Prepared, params: GenerationParams) -> AsyncGenerator[GenerationEvent, None]:
     """One admitted answer as events; closing (or cancelling) the iterator frees the place."""
     async with expert.admit():
         async for event in expert.generate(prepared, params):
@@ -285,4 +285,4 @@ class Local:
                 meter.see(event)
                 yield event
         finally:
-            await events.aclose()
+            await events.aclose()  # type: ignore[attr-defined]

@@ -215,7 +215,7 @@ class LocalExpert:
     async def generate(
         self, prompt_tokens: list[int], style_stops: Sequence[str], params: GenerationParams
     ) -> AsyncIterator[GenerationEvent]:
-        """Stream a generation for already admitted prompt tokens; the caller must `release` afterwards."""
+        """Stream a generation for admitted prompt tokens (callers go through `node.serving.expert.Local.admit`)."""
         n_ctx = self.spec.n_ctx
         if not prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
