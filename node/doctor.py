@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from node.config import Settings
-from node.http.access import is_loopback_host
 from node.serving import catalog, selfcheck
+from peers.addresses import is_loopback_host
 
 log = logging.getLogger(__name__)
 

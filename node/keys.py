@@ -15,6 +15,7 @@ from node.pipeline import QueryPipeline
 from node.routing.router import Router
 from node.serving.experts import ExpertPool
 from peers.client import PeerClient
+from peers.identity import NodeIdentity
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class NodeInfo:
     started_s: float
 
 
+identity_key = web.AppKey("identity", NodeIdentity)
 settings_key = web.AppKey("settings", Settings)
 pool_key = web.AppKey("pool", ExpertPool)
 metrics_key = web.AppKey("metrics", NodeMetrics)

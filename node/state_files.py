@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -52,3 +54,22 @@ def corrupt_ledger(path: Path, exc: Exception) -> StateFileError:
         f"the decision ledger {path} is unreadable ({exc}); move it aside to start a new one, "
         "or restore it from a backup"
     )
+
+
+def write_private_atomically(path: Path, data: bytes) -> None:
+    """Write a mode-0600 file so that a crash leaves either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must reach the disk too
+    finally:
+        os.close(dir_fd)

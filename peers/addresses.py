@@ -54,3 +54,13 @@ def _origin(url: str, *, allow_loopback: bool) -> str | None:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind address only accepts local connections."""
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

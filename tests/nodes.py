@@ -26,10 +26,11 @@ from zeroconf import DNSIncoming, DNSPointer, DNSService, DNSText
 
 from node.config import Settings
 from node.http import api
-from node.http.app import IDLE_CONNECTION_TIMEOUT_S, create_app, identity_key
+from node.http.app import IDLE_CONNECTION_TIMEOUT_S, create_app
 from node.judging.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
 from node.judging.service import Judging
 from node.judging.stats import DimensionScore
+from node.keys import identity_key
 from node.mesh.network import Network
 from node.routing.router import Router
 from node.serving.experts import ExpertSpec, LocalExpert, expert_id_for

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -14,6 +12,8 @@ from pathlib import Path
 from aiohttp import web
 
 from node.errors import Forbidden, NodeError, RateLimited, Unauthorized
+from node.state_files import write_private_atomically
+from peers.addresses import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +23,6 @@ OPEN_PATHS = ("/", "/healthz", "/openapi.json")
 OPEN_PREFIXES = ("/web/",)
 PEER_PREFIX = "/peer/"
 MAX_TRACKED_CLIENTS = 4096
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a bind address only accepts local connections."""
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 MIN_API_KEY_CHARS = 1  # an empty key must never compare equal to an empty header
@@ -72,25 +62,6 @@ def resolve_api_key(configured: str | None, required: bool | None, host: str, da
         raise AccessError(f"cannot write the API key file {path}: {exc}") from exc
     log.warning("the user API listens on %s: created an API key in %s (send it as 'Authorization: Bearer ...')", host, path)
     return key
-
-
-def write_private_atomically(path: Path, data: bytes) -> None:
-    """Write a mode-0600 file so that a crash leaves either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must reach the disk too
-    finally:
-        os.close(dir_fd)
 
 
 def allowed_hosts(bind_host: str, advertise_urls: tuple[str, ...] = ()) -> frozenset[str] | None:

@@ -20,7 +20,7 @@ from node.errors import NodeError
 from node.http import api, peer_api, web_routes
 from node.http.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.judging.service import Judging
-from node.keys import experts_key, pipeline_key, specialist_bases_key
+from node.keys import experts_key, identity_key, pipeline_key, specialist_bases_key
 from node.mesh import adopt, directory, invites, relay
 from node.mesh.network import Network
 from node.mesh.peer_store import PeerStore
@@ -39,7 +39,6 @@ from peers.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
 
-identity_key = web.AppKey("identity", NodeIdentity)
 # A connection that has not completed a request within this long is closed (aiohttp starts its
 # keep-alive timer when a connection opens), so slowloris clients cannot hold sockets for minutes.
 IDLE_CONNECTION_TIMEOUT_S = 15.0

@@ -17,7 +17,6 @@ from node.errors import (
     UpgradeRequired,
 )
 from node.http import api
-from node.http.access import is_loopback_host
 from node.http.peer_guard import (
     MAX_PEER_BODY_BYTES,
     body_key,
@@ -30,6 +29,7 @@ from node.mesh.adopt import definition_message
 from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
 from node.serving.structured import forwarded_grammar
+from peers.addresses import is_loopback_host
 from peers.wire import (
     CONTENT_TYPE,
     MAX_HOPS,

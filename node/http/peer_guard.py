@@ -15,10 +15,10 @@ from node.errors import (
     Forbidden,
     InvalidRequest,
     NodeError,
-    PayloadTooLarge,
     Unauthorized,
 )
 from node.http.middleware import error_response
+from node.peer_request import _request_key, body_key, read_whole_body, signer_key
 from peers import auth
 from peers.identity import NodeIdentity
 from peers.wire import CONTENT_TYPE
@@ -26,15 +26,6 @@ from peers.wire import CONTENT_TYPE
 log = logging.getLogger(__name__)
 
 MAX_PEER_BODY_BYTES = 256 << 10
-_RequestKey = getattr(web, "RequestKey", None)  # aiohttp >= 3.12 has typed request keys
-
-
-def _request_key(name: str, kind: type):
-    return _RequestKey(name, kind) if _RequestKey is not None else name
-
-
-signer_key = _request_key("expertmesh.signer", auth.Signer)  # the authenticated sender
-body_key = _request_key("expertmesh.peer_body", bytes)  # the body bytes, read once
 _reply_signing_key = _request_key("expertmesh.reply_signing", tuple)  # (identity, secret) to sign a streamed reply
 
 
@@ -61,25 +52,6 @@ class Unsupported(NodeError):
     status = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
-
-
-async def read_whole_body(request: web.Request, cap: int) -> bytes:
-    """The entire body (however many segments it arrives in), refused past `cap` bytes."""
-    declared = request.content_length
-    if declared is not None and declared > cap:
-        raise PayloadTooLarge(f"peer request over {cap} bytes")
-    data = bytearray()
-    # read(n) returns what is buffered; keep reading until the stream ends.
-    while True:
-        chunk = await request.content.read(64 << 10)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > cap:
-            raise PayloadTooLarge(f"peer request over {cap} bytes")
-    if declared is not None and len(data) != declared:
-        raise InvalidRequest(f"peer request body ended after {len(data)} of {declared} bytes")
-    return bytes(data)
 
 
 def _media_type(request: web.Request) -> str:
@@ -129,12 +101,6 @@ def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.Replay
         return response
 
     return middleware
-
-
-async def peer_body(request: web.Request, cap: int) -> bytes:
-    """The body the guard already read (and authenticated), or read it now under `cap`."""
-    body = request.get(body_key)
-    return body if body is not None else await read_whole_body(request, cap)
 
 
 def stream_reply_headers(request: web.Request, status: int = 200) -> dict[str, str]:

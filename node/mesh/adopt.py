@@ -13,7 +13,6 @@ from aiohttp import web
 from pydantic import Field
 
 from node.errors import Conflict, Forbidden, ModelNotFound, NodeError, PeerUnavailable
-from node.http.schemas import _Strict, parse_body
 from node.keys import network_key, peer_client_key, pool_key, settings_key, specialist_bases_key
 from node.serving import catalog
 from node.serving.experts import LocalExpert, load_expert
@@ -28,6 +27,7 @@ from node.serving.specialists import (
     specialist_id,
     to_toml,
 )
+from node.validation import _Strict, parse_body
 from peers.client import PeerError
 from peers.wire import ExpertDefinition
 

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from node import keys
 from node.errors import InvalidRequest
-from node.http.peer_guard import peer_body
+from node.peer_request import peer_body
 from peers import auth
 from peers import directory as pure
 from peers.client import PEER_PATH

@@ -19,8 +19,8 @@ from aiohttp import web
 from node import keys
 from node.config import Settings
 from node.errors import Forbidden, InvalidRequest, NodeError, PeerUnavailable
-from node.http.peer_guard import peer_body
 from node.mesh.relay import admissions_key, relay_links_key, relay_server_key
+from node.peer_request import peer_body
 from peers import auth
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity

@@ -13,7 +13,6 @@ from typing import Protocol
 
 from node.config import Settings
 from node.errors import Forbidden
-from node.http.access import is_loopback_host
 from node.mesh.neighbours import Neighbours
 from node.mesh.neighbours import alive_peers as routable_peers
 from node.mesh.peer_store import PeerStore, RememberedPeer
@@ -21,7 +20,7 @@ from node.mesh.punch import PUNCHED
 from node.serving.expert import TrustEvidence
 from node.serving.experts import ExpertPool
 from peers import table as peer_table
-from peers.addresses import dialable_origin
+from peers.addresses import dialable_origin, is_loopback_host
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
 from peers.relay import is_relayed

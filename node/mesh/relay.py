@@ -449,10 +449,9 @@ def _forget_stream(streams: dict[int, asyncio.Task], stream_id: int, _task: asyn
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """The relay (if offered), the admissions and the tunnels of this node."""
-    from node.http.app import identity_key  # the app module composes this one; imported late to avoid a cycle
 
     settings = app[keys.settings_key]
-    identity = app[identity_key]
+    identity = app[keys.identity_key]
     admissions = Admissions(settings.data_dir)
     app[admissions_key] = admissions
     app[relay_server_key] = RelayServer(settings, identity, admissions)

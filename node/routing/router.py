@@ -171,7 +171,7 @@ def _evidence_line(candidate: Candidate) -> str:
 
 def _load_salt(path: Path) -> bytes:
     """This node's secret key for hashing query words in the ledger, created once."""
-    from node.http.access import write_private_atomically
+    from node.state_files import write_private_atomically
 
     try:
         data = path.read_bytes()
