@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,9 +211,9 @@ def hello_set(
     candidates: list[str],
     max_neighbours: int,
     *,
-    active: list[str] = (),  # type: ignore[assignment]
+    active: Sequence[str] = (),
     max_active: int = 8,
-    bootstrap: list[str] = (),  # type: ignore[assignment]
+    bootstrap: Sequence[str] = (),
     alive_count: int | None = None,
 ) -> set[str]:
     """The nodes a node hellos: `max_neighbours` by rendezvous, plus up to `max_active` it talks to for routing.

@@ -9,7 +9,6 @@ since both cost far less than a generated token.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import typing
 from collections.abc import Iterator
@@ -130,13 +129,19 @@ class WireRecord:
                 object.__setattr__(self, name, float(getattr(self, name)))
 
 
-@functools.cache
+# Per-class caches as typed dicts: functools.cache's wrapper takes Hashable, which mypy does not see a class as.
+_NORMAL_FORMS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
 def _normal_forms(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Names of a record's sequence fields and of its float fields (optional or not)."""
-    hints = typing.get_type_hints(cls)
-    sequences = tuple(name for name, hint in hints.items() if typing.get_origin(hint) is tuple)
-    floats = tuple(name for name, hint in hints.items() if hint is float or hint == float | None)
-    return sequences, floats
+    """Names of a record's sequence fields and of its float fields (optional or not), worked out once per class."""
+    forms = _NORMAL_FORMS.get(cls)
+    if forms is None:
+        hints = typing.get_type_hints(cls)
+        sequences = tuple(name for name, hint in hints.items() if typing.get_origin(hint) is tuple)
+        floats = tuple(name for name, hint in hints.items() if hint is float or hint == float | None)
+        forms = _NORMAL_FORMS.setdefault(cls, (sequences, floats))
+    return forms
 
 
 class WireMessage(WireRecord):
@@ -326,10 +331,15 @@ def _invalid(path: str, problem: str) -> WireError:
     return WireError(400, problem, field=path or "message")
 
 
-@functools.cache
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
 def _adapter(cls: type[T]) -> TypeAdapter[T]:
     """The pydantic validator of a wire dataclass, built once."""
-    return TypeAdapter(cls)
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS.setdefault(cls, TypeAdapter(cls))
+    return adapter
 
 
 def _path(loc: tuple[int | str, ...]) -> str:

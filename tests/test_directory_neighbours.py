@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from node.mesh.neighbours import ACTIVE_MS, Neighbours
 from peers import table as peer_table
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.table import PeerTable, TablePolicy
 from peers.wire import ExpertInfo, NodeCard
 
@@ -23,7 +23,7 @@ def _card(identity: NodeIdentity, port: int, experts: int = 0) -> NodeCard:
                     addresses=(f"http://127.0.0.1:{port}",), experts=infos, issued_ms=1)
 
 
-def _table(self_id: str, cards: list[NodeCard], now: int) -> PeerTable:
+def _table(self_id: NodeId, cards: list[NodeCard], now: int) -> PeerTable:
     table = PeerTable(self_id=self_id)
     for card in cards:
         table = peer_table.apply(table, peer_table.HelloSucceeded(card.addresses[0], card, 1.0, now, "exchange"), POLICY)

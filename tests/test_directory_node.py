@@ -99,7 +99,7 @@ async def test_anti_entropy_repairs_what_rumours_missed_and_costs_one_exchange_w
         learned: list[str] = []
         b.on_card = lambda card: learned.append(card.node_id)
         # A holds five cards that are no longer news (rumours about them died out before reaching B).
-        entries = {}
+        entries: dict[str, pure.Entry] = {}
         for other in others:
             signed = _card_maker(other, ["http://127.0.0.1:1"])()
             entries[other.node_id] = pure.Entry(other.node_id, signed.card.issued_ms, encode(signed))

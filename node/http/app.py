@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -31,7 +31,7 @@ from node.routing.community import Community
 from node.routing.router import RouteConstraints, Router
 from node.serving import catalog, selfcheck
 from node.serving.expert import TrustEvidence
-from node.serving.experts import ExpertPool, LocalExpert, gpu_offload_supported, load_expert
+from node.serving.experts import ExpertPool, LocalExpert, ServedExpert, gpu_offload_supported, load_expert
 from node.serving.specialist_serving import build_specialists
 from node.serving.specialists import folder_definitions, resolve_definition
 from peers.client import PEER_PATH, PeerClient
@@ -45,7 +45,7 @@ IDLE_CONNECTION_TIMEOUT_S = 15.0
 NODE_FILE = "node.json"  # where a running node writes its URL, so scripts and tests can find a port-0 node
 
 
-def _load_experts(settings: Settings) -> tuple[list[LocalExpert], list[LocalExpert]]:
+def _load_experts(settings: Settings) -> tuple[list[ServedExpert], list[LocalExpert]]:
     """Resolve (pulling when needed), self-check the CPU, load every configured model, then the specialists on them;
     blocking.
 
@@ -92,7 +92,7 @@ async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-preloaded_experts_key = web.AppKey("preloaded_experts", list)
+preloaded_experts_key = web.AppKey[Sequence[ServedExpert]]("preloaded_experts")
 
 
 async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -267,7 +267,7 @@ def advertise_urls(settings: Settings, port: int) -> list[str]:
             ip.ip
             for adapter in ifaddr.get_adapters()
             for ip in adapter.ips
-            if ip.is_IPv4 and not ip.ip.startswith("127.")
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127.")  # a str is an IPv4 address (ifaddr)
         ]
         return [f"http://{ip}:{port}" for ip in ips[:8]] or [f"http://127.0.0.1:{port}"]
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

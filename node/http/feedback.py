@@ -21,7 +21,11 @@ from node.routing.router import RATINGS
 async def feedback(request: web.Request) -> web.Response:
     """`POST /v1/feedback`: rate a routed answer; stored first, then learned."""
     body = parse_body(await read_body(request), FeedbackRequest)
-    reward = RATINGS[body.rating] if body.rating is not None else body.reward
+    if body.rating is not None:
+        reward = RATINGS[body.rating]
+    else:
+        assert body.reward is not None  # FeedbackRequest's validator wants exactly one of rating and reward
+        reward = body.reward
     router = request.app[router_key]
     await router.feedback(body.decision_id, body.token, reward)
     return json_response(
@@ -42,6 +46,7 @@ async def get_decision(request: web.Request) -> web.Response:
             probability=decision.probabilities[index],
         )
 
+    assert decision.served_index is not None  # a Decision fills it with chosen_index when built without one
     return json_response(
         Decision(
             decision_id=decision.decision_id,

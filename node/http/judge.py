@@ -51,6 +51,7 @@ async def judge(request: web.Request) -> web.StreamResponse:
     async def run() -> None:
         try:
             if body.peer is not None:
+                assert body.expert is not None  # a peer's judging without an expert id was refused above
                 signed = await judging.judge_peer(
                     body.peer, body.expert, dimensions=body.dimensions, items_per_dimension=body.items_per_dimension or 8, progress=progress
                 )

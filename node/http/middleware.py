@@ -45,7 +45,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         if isinstance(exc, web.HTTPRequestEntityTooLarge):
-            return error_response(PayloadTooLarge(f"request body is larger than {exc.max_size} bytes"))
+            # aiohttp raises it from request.read() with the request's own cap (the exception does not keep it).
+            return error_response(PayloadTooLarge(f"request body is larger than {request.client_max_size} bytes"))
         error_type = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
         body = error_body(exc.reason, error_type, exc.reason.lower().replace(" ", "_"))
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}

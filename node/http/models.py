@@ -11,12 +11,12 @@ from node.http.schemas import Model, ModelDetails, ModelList, json_response
 from node.keys import experts_key, node_info_key, pipeline_key
 from node.pipeline.query import AUTO_MODEL
 from node.serving.expert import Expert
-from node.serving.experts import ExpertPool, LocalExpert
+from node.serving.experts import ExpertPool, ServedExpert
 
 __all__ = ["AUTO_MODEL", "get_model", "list_models", "resolve_expert"]
 
 
-def resolve_expert(pool: ExpertPool, model: str) -> LocalExpert:
+def resolve_expert(pool: ExpertPool, model: str) -> ServedExpert:
     """The local expert a request names; for `auto`, the first."""
     expert = pool.first() if model == AUTO_MODEL else pool.get(model)
     if expert is None:

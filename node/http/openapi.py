@@ -153,8 +153,8 @@ def _operation(op: Op) -> dict[str, Any]:
 
 def _components() -> dict[str, Any]:
     """Every model's JSON schema, nested models lifted into components."""
-    models = {op.response for op in OPERATIONS} | {op.body for op in OPERATIONS} | {op.stream for op in OPERATIONS}
-    models = {m for m in models if m is not None} | {s.Error}
+    named = {op.response for op in OPERATIONS} | {op.body for op in OPERATIONS} | {op.stream for op in OPERATIONS}
+    models: set[type[BaseModel]] = {m for m in named if m is not None} | {s.Error}
     ordered = sorted(models, key=lambda m: m.__name__)
     _, top = models_json_schema([(m, "validation") for m in ordered], ref_template=REF_TEMPLATE)
     return top.get("$defs", {})

@@ -97,7 +97,9 @@ def peer_guard_middleware(identity_of, secret: bytes | None, replay: auth.Replay
             log.exception("unhandled error on peer route %s", request.path)
             response = error_response(_Internal("internal error"))
         if not response.prepared and isinstance(response, web.Response):
-            response.headers.update(auth.sign_reply(identity, nonce, response.status, response.body or b"", secret=secret))
+            reply = response.body
+            assert reply is None or isinstance(reply, (bytes, bytearray)), "peer replies are bytes, never a Payload"
+            response.headers.update(auth.sign_reply(identity, nonce, response.status, bytes(reply or b""), secret=secret))
         return response
 
     return middleware

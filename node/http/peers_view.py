@@ -8,10 +8,11 @@ from node.http.schemas import Evidence, Peer, PeerList, Reach, json_response
 from node.keys import network_key
 from node.mesh.network import Network
 from node.mesh.relay import reach_of
+from peers.identity import NodeId
 from peers.table import PeerState
 
 
-def _peer_entry(network: Network, peer: PeerState, alive: set[str]) -> Peer:
+def _peer_entry(network: Network, peer: PeerState, alive: set[NodeId]) -> Peer:
     trust = network.trust_of(peer.node_id)
     return Peer(
         id=peer.node_id,

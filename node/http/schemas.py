@@ -53,14 +53,14 @@ class ExpertmeshOptions(_Strict):
     always applies too."""
 
     approved: Names | None = Field(
-        None, description="node ids, expert ids, model names or families, or sha256 prefixes of 12+ hex digits"
+        default=None, description="node ids, expert ids, model names or families, or sha256 prefixes of 12+ hex digits"
     )
-    exclude: Names | None = Field(None, description="the same kinds of names, refused")
+    exclude: Names | None = Field(default=None, description="the same kinds of names, refused")
     local_only: bool = False
-    verified_only: bool = Field(False, description="only local experts and remote ones this node verified")
+    verified_only: bool = Field(default=False, description="only local experts and remote ones this node verified")
     max_latency_ms: Annotated[float, Field(gt=0)] | None = None
     min_scores: Annotated[dict[str, Score], Field(max_length=32)] | None = None
-    decompose: bool | None = Field(None, description="split a compound `auto` query (default: the node's setting)")
+    decompose: bool | None = Field(default=None, description="split a compound `auto` query (default: the node's setting)")
 
     def constraints(self) -> RouteConstraints:
         """The router's constraints these options ask for."""
@@ -95,7 +95,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
-    expertmesh: dict[str, Any] | None = Field(None, description="Ignored: text completions are not routed.")
+    expertmesh: dict[str, Any] | None = Field(default=None, description="Ignored: text completions are not routed.")
     response_format: dict[str, Any] | None = None  # checked by node.serving.structured, which names the bad field
 
     def stop_list(self) -> tuple[str, ...]:
@@ -536,7 +536,7 @@ class RouterStats(_Out):
     reward_over_time: list[RewardPoint]
     share_by_expert: dict[str, Count]
     share_by_task: dict[str, dict[str, Count]]
-    community: dict[str, Any] | None = Field(None, description="Community learning: what is shared, each reporter's weight.")
+    community: dict[str, Any] | None = Field(default=None, description="Community learning: what is shared, each reporter's weight.")
 
 
 class HealthExpert(_Out):

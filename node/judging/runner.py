@@ -38,7 +38,7 @@ from node.judging.suites import (
     suite_digest,
 )
 from node.serving.expert import Expert, Local, run
-from node.serving.experts import ChatMessage, Delta, GenerationParams, LocalExpert
+from node.serving.experts import ChatMessage, Delta, GenerationParams, ServedExpert
 from peers.identity import NodeIdentity
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,12 @@ async def ask(expert: Expert, prompt: str, *, max_tokens: int, seed: int = 0) ->
     return ProbeAnswer("".join(texts), elapsed_s if ttft_s is None else ttft_s, completion_tokens, elapsed_s)
 
 
-async def ask_expert(expert: LocalExpert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
+async def ask_expert(expert: ServedExpert, prompt: str, *, max_tokens: int, seed: int = 0) -> ProbeAnswer:
     """One greedy answer from a local expert to `prompt` as a single user message."""
     return await ask(Local(expert, ""), prompt, max_tokens=max_tokens, seed=seed)
 
 
-def local_ask(expert: LocalExpert, *, seed: int = 0) -> Ask:
+def local_ask(expert: ServedExpert, *, seed: int = 0) -> Ask:
     """Ask a local expert each probe's prompt, greedily, within the probe's max_tokens."""
 
     async def ask(item: ProbeItem) -> ProbeAnswer:
@@ -176,7 +176,7 @@ def local_ask(expert: LocalExpert, *, seed: int = 0) -> Ask:
     return ask
 
 
-def local_judge_ask(judge: LocalExpert, *, seed: int = 0, max_tokens: int = JUDGE_MAX_TOKENS) -> JudgeAsk:
+def local_judge_ask(judge: ServedExpert, *, seed: int = 0, max_tokens: int = JUDGE_MAX_TOKENS) -> JudgeAsk:
     """Ask a local expert, as the designated judge, to grade with `scorers.judge_prompt` text."""
 
     async def ask(prompt: str) -> str:
@@ -233,7 +233,7 @@ def scorable_suites(suites: Mapping[str, Suite], has_judge: bool) -> dict[str, S
 
 
 async def judge_local_expert(
-    expert: LocalExpert,
+    expert: ServedExpert,
     identity: NodeIdentity,
     store: CardStore,
     *,

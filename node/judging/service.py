@@ -44,7 +44,7 @@ from node.judging.trust import Assessment, JudgeRecord, assess, judge_records, j
 from node.mesh.network import Network, RemoteExpert
 from node.mesh.remote_expert import Remote
 from node.serving.expert import Expert, Local, TrustEvidence
-from node.serving.experts import ExpertPool, LocalExpert
+from node.serving.experts import ExpertPool, ServedExpert
 from peers.client import PeerClient, PeerError
 from peers.identity import NodeIdentity
 from peers.wire import NodeCard
@@ -205,7 +205,7 @@ class Judging:
         node_id = self._identity.node_id
         self._records = judge_records((c for cards in self._cards.values() for c in cards), node_id)
         self._assessed.clear()
-        local = {e.spec.id: e for e in self._pool}
+        local: dict[str, ServedExpert] = {e.spec.id: e for e in self._pool}
         for eid in [expert_id] if expert_id is not None else [e.spec.id for e in self._pool if e.spec.sha256 == sha256]:
             expert = local.get(eid)
             own = [c for c in self._cards[sha256] if c.judge_node_id == node_id and c.expert_id == eid]
@@ -380,7 +380,7 @@ class Judging:
 
     async def judge_local(
         self,
-        expert: LocalExpert,
+        expert: ServedExpert,
         *,
         dimensions: Sequence[str] | None = None,
         items_per_dimension: int | None = None,
@@ -472,7 +472,7 @@ class Judging:
 
     async def _spot_check_loop(self) -> None:
         """Now and then probe a remote expert: unverified ones first (to verify them), else a random one for speed."""
-        items = [item for item in load_suites(["knowledge", "arithmetic"]).values() for item in item.items]
+        items = [item for suite in load_suites(["knowledge", "arithmetic"]).values() for item in suite.items]
         while True:
             await asyncio.sleep(self._spot_check_interval_s)
             remotes = self._network.remote_experts()

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from peers.directory import DirectoryPolicy, hello_set
+from peers.identity import NodeId
 from peers.table import PeerState, PeerTable, TablePolicy
 from peers.wire import NodeCard
 
@@ -109,9 +110,11 @@ class Neighbours:
                 keep.append(url)
         return keep
 
-    def addresses_to_learn(self, table: PeerTable, chosen: set[str], dialable: Callable[[str], str | None]) -> list[tuple[str, str]]:
+    def addresses_to_learn(
+        self, table: PeerTable, chosen: set[str], dialable: Callable[[str], str | None]
+    ) -> list[tuple[str, NodeId]]:
         """(url, node id) of chosen nodes known only from their directory card, to verify by hello."""
-        out = []
+        out: list[tuple[str, NodeId]] = []
         for node_id in chosen:
             if node_id in table.peers or node_id not in self.cards:
                 continue
@@ -120,19 +123,19 @@ class Neighbours:
             for address in self.cards[node_id].addresses[:4]:
                 url = dialable(address)
                 if url is not None:
-                    out.append((url, node_id))
+                    out.append((url, NodeId(node_id)))
                     break
         return out
 
     def probes(self, table: PeerTable, now_ms: int, refused: Callable[[str], bool]) -> list[str]:
         """Directory nodes with experts that are not alive here: probe a few on demand (they join the active set)."""
-        picked = []
+        picked: list[str] = []
         for node_id, card in self.cards.items():
             if len(picked) >= PROBES_PER_CALL:
                 break
             if not card.experts or refused(node_id) or now_ms - self._probed_ms.get(node_id, -PROBE_EVERY_MS) < PROBE_EVERY_MS:
                 continue
-            peer = table.peers.get(node_id)
+            peer = table.peers.get(NodeId(node_id))
             if peer is not None and self.routable(peer, now_ms):
                 continue
             self._probed_ms[node_id] = now_ms

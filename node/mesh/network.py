@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from node.config import Settings
 from node.errors import Forbidden
@@ -22,7 +22,7 @@ from node.serving.experts import ExpertPool
 from peers import table as peer_table
 from peers.addresses import dialable_origin, is_loopback_host
 from peers.client import PeerClient, PeerError
-from peers.identity import NodeIdentity
+from peers.identity import NodeId, NodeIdentity
 from peers.relay import is_relayed
 from peers.table import PeerSource, PeerState, PeerTable, TablePolicy
 from peers.trust import Trust, penalize, reward
@@ -38,6 +38,9 @@ from peers.wire import (
     sign_card,
     verify_card,
 )
+
+if TYPE_CHECKING:
+    from peers.mdns import MdnsService  # imported when mDNS starts: zeroconf is loaded only then
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class Network:
         self._unverified_in_flight: set[str] = set()
         self._allow_loopback = is_loopback_host(settings.host)
         self._loop_task: asyncio.Task | None = None
-        self._mdns = None
+        self._mdns: MdnsService | None = None
         self._db = asyncio.Lock()
 
     def attach(self, *, cards: CardKeeper | None = None, learning: LearningExchange | None = None) -> None:
@@ -231,7 +234,7 @@ class Network:
         advertisement = Advertisement(
             node_id=self._identity.node_id,
             port=first.port if first and first.port else self._settings.port,
-            addresses=[urlsplit(u).hostname for u in self.urls if urlsplit(u).hostname],
+            addresses=[host for u in self.urls if (host := urlsplit(u).hostname)],
             card_digest=stable_digest(self.card()),
         )
         # A node that only listens on loopback has nothing to offer the LAN: it announces itself on loopback only.
@@ -252,17 +255,17 @@ class Network:
 
         now = self._clock_ms()
         if isinstance(event, PeerFound):
-            known = self.table.peers.get(event.node_id)
+            known = self.table.peers.get(NodeId(event.node_id))
             urls = [u for u in (self.dialable(u) for u in event.urls) if u is not None]
             for url in urls:
-                self._apply(peer_table.AddressLearned(url, "mdns", now, event.node_id))
+                self._apply(peer_table.AddressLearned(url, "mdns", now, NodeId(event.node_id)))
             if known is not None and known.card is not None and stable_digest(known.card) != event.card_digest:
                 self._hello_soon(known.url)
             elif known is None:
                 for url in urls[:1]:
                     self._hello_soon(url)
         elif isinstance(event, PeerGone):
-            self._apply(peer_table.ServiceRemoved(event.node_id, now))
+            self._apply(peer_table.ServiceRemoved(NodeId(event.node_id), now))
 
     def dialable(self, url: str) -> str | None:
         """The origin to dial for a learned address, or None when it must not be dialled (see peers.addresses)."""
@@ -297,7 +300,7 @@ class Network:
 
     def is_verified_peer(self, node_id: str) -> bool:
         """Whether `node_id` answered this node's own hello recently and is not distrusted."""
-        peer = self.table.peers.get(node_id)
+        peer = self.table.peers.get(NodeId(node_id))
         return (
             peer is not None
             and self.neighbours.routable(peer, self._clock_ms())
@@ -390,12 +393,12 @@ class Network:
 
     def _probe(self, node_id: str) -> None:
         """Hello a node known from the directory now, so it is alive for the next routing decision."""
-        peer = self.table.peers.get(node_id)
+        peer = self.table.peers.get(NodeId(node_id))
         card = peer.card if peer is not None and peer.card is not None else self.neighbours.cards.get(node_id)
         urls = [peer.url] if peer is not None else [u for u in map(self.dialable, card.addresses[:MAX_ADDRESSES_PER_CARD]) if u] if card else []
         for url in urls[:1]:
             if peer is None:
-                self._apply(peer_table.AddressLearned(url, "exchange", self._clock_ms(), node_id))
+                self._apply(peer_table.AddressLearned(url, "exchange", self._clock_ms(), NodeId(node_id)))
             self._hello_soon(url)
 
     def _peer_card(self, card: NodeCard) -> None:
@@ -503,11 +506,11 @@ class Network:
         now = self._clock_ms()
         known_urls = {p.url for p in self.table.peers.values()}
         for address in reply.peers[:EXCHANGE_LIMIT]:
-            url = self.dialable(address.url)
-            if url is None or address.node_id == self._identity.node_id or url in known_urls:
+            origin = self.dialable(address.url)
+            if origin is None or address.node_id == self._identity.node_id or origin in known_urls:
                 continue
             # A gossiped address is only used after our own hello verifies it.
-            self._apply(peer_table.AddressLearned(url, "exchange", now, address.node_id))
+            self._apply(peer_table.AddressLearned(origin, "exchange", now, address.node_id))
 
 
 def _source(value: str) -> PeerSource:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from peers.identity import NodeId
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS peers (
     url TEXT PRIMARY KEY,
@@ -21,7 +23,7 @@ class RememberedPeer:
     """A peer address that answered a hello before."""
 
     url: str
-    node_id: str
+    node_id: NodeId
     source: str
     last_seen_ms: int
 

@@ -23,7 +23,7 @@ from node.serving.expert import (
     Prompt,
     classify_peer_failure,
 )
-from node.serving.experts import Delta, ExpertPool, Finished, GenerationEvent, GenerationParams
+from node.serving.experts import Delta, ExpertPool, Finished, FinishReason, GenerationEvent, GenerationParams
 from peers.client import PeerClient, PeerError, PeerRejected
 from peers.identity import NodeId as PeerNodeId
 from peers.wire import ChatMessage as WireChatMessage
@@ -180,7 +180,9 @@ class Remote:
                         node_id, expert_id, self._card.claimed_tokens_per_s, frame.completion_tokens,
                         time.perf_counter() - first_s, via=self._via,
                     )
-                    event = Finished(frame.finish_reason or "stop", frame.prompt_tokens, frame.completion_tokens)
+                    # The API knows "stop" and "length"; a peer's anything else (or nothing) ends as a stop.
+                    reason: FinishReason = "length" if frame.finish_reason == "length" else "stop"
+                    event = Finished(reason, frame.prompt_tokens, frame.completion_tokens)
                 else:
                     raise PeerUnavailable(f"peer {node_id} failed mid-answer: {frame.error}")
                 meter.see(event)

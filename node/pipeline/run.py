@@ -22,7 +22,7 @@ from node.routing.decompose import (
 )
 from node.routing.router import MAX_ROUTING_CHARS, RouteConstraints, Routed, Router, routing_text
 from node.serving.expert import Expert
-from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
+from node.serving.experts import ChatMessage, Delta, Finished, FinishReason, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class QueryPipeline:
     ) -> AsyncIterator[Event]:
         """Each part's answer in turn, under a heading naming its expert; usage summed over the parts."""
         prompt_tokens = completion_tokens = 0
-        finish_reason = "stop"
+        finish_reason: FinishReason = "stop"
         started: Started | None = first
         for position, (part, _routed) in enumerate(routed_parts):
             part_served: PartServed | None = None

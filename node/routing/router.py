@@ -345,13 +345,15 @@ class Router:
         self, text: str, features: list[ExpertFeatures], unverified: list[bool], token_hash: str
     ) -> tuple[Decision, list[tuple[str, float]], CommunityUse | None]:
         """On the router thread: probabilities, a sample seeded by the decision id, the ledger record, the explanation."""
+        policy = self._policy
+        assert policy is not None  # loaded by start() before any request is routed
         query = self._private(query_features(text))
         decision_id = DecisionId(uuid.uuid4().hex)
         community = None
         if self.community is not None:
             # The ledger logs the candidates as the policy saw them, community prior included, so replay is exact.
             features, community = self.community.apply(features, query.task)
-        probabilities = cap_unverified_share(self._policy.probabilities(query, features), unverified, self._unverified_share_max)
+        probabilities = cap_unverified_share(policy.probabilities(query, features), unverified, self._unverified_share_max)
         chosen = sample_index(probabilities, rng_for_decision(decision_id))
         decision = Decision(
             decision_id=decision_id,
@@ -361,11 +363,11 @@ class Router:
             candidates=tuple(features),
             probabilities=tuple(probabilities),
             chosen_index=chosen,
-            policy_version=self._policy.version,
+            policy_version=policy.version,
             token_sha256=token_hash,
         )
         self.ledger.record_decision(decision)
-        return decision, self._policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES), community
+        return decision, policy.top_features(query, features[chosen], k=EXPLAIN_FEATURES), community
 
     def _private(self, query: QueryFeatures) -> QueryFeatures:
         """The query as the ledger keeps it: words as keyed hashes unless plain words are configured."""

@@ -8,6 +8,7 @@ import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 TOP_K = 40
 MIN_P = 0.05
 TYPICAL_P = 1.0
+
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Done:
     """A request ended."""
 
     request_id: int
-    finish_reason: str  # "stop" or "length"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens not decoded again: their cells were kept from an earlier request
@@ -376,7 +379,7 @@ class BatchScheduler:
         slot.sent = end
         return [TextOut(request.request_id, text)] if text else []
 
-    def _finish(self, slot: _Slot, reason: str, cut: int | None) -> list[StepEvent]:
+    def _finish(self, slot: _Slot, reason: FinishReason, cut: int | None) -> list[StepEvent]:
         """The rest of a slot's text and its end; the slot is free at once, its cells kept as a prefix cache."""
         request = slot.request
         assert request is not None  # only a slot that holds a request is sampled or finished

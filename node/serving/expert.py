@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from bandit.features import ExpertFeatures, ExpertId, NodeId
 from node.errors import InvalidRequest, NodeError
 from node.metrics import NodeMetrics
-from node.serving.experts import ChatMessage, Delta, Finished, GenerationEvent, GenerationParams, LocalExpert
+from node.serving.experts import ChatMessage, Delta, Finished, GenerationEvent, GenerationParams, ServedExpert
 from node.serving.specialist_serving import specialist_fields
 from peers.client import PeerError, PeerProtocolError, PeerRejected, PeerTimedOut
 
@@ -168,7 +168,7 @@ class Metered:
 class Local:
     """A model loaded here (plain or specialist) as an `Expert`."""
 
-    def __init__(self, expert: LocalExpert, node_id: str, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, expert: ServedExpert, node_id: str, metrics: NodeMetrics | None = None) -> None:
         self.expert = expert
         self._node_id = node_id
         self._metrics = metrics

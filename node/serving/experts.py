@@ -8,18 +8,21 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NewType
+from typing import TYPE_CHECKING, Literal, NewType, Protocol
 
 import jinja2
 
 from node.errors import ExpertBusy, ExpertFailed, InvalidRequest
-from node.serving.batching import Done, Failed, SlotRequest, StepEvent, TextOut
+from node.serving.batching import Done, Failed, FinishReason, SlotRequest, StepEvent, TextOut
 from node.serving.catalog import CATALOG, ModelFile
 from node.serving.structured import check_grammar
 from node.serving.worker import ModelWorker, WorkerConfig, WorkerCrashed
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ class Delta:
 class Finished:
     """The end of a generation, with its token accounting."""
 
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV cells were reused from an earlier request
@@ -113,7 +116,7 @@ def completion_prompt(messages: Sequence[ChatMessage]) -> str:
 class LocalExpert:
     """One model served by its own worker process with continuous batching, and a bounded admission count."""
 
-    def __init__(self, spec: ExpertSpec, tokenizer: object, worker: ModelWorker, queue_size: int) -> None:
+    def __init__(self, spec: ExpertSpec, tokenizer: Llama, worker: ModelWorker, queue_size: int) -> None:
         self.spec = spec
         self._tokenizer = tokenizer  # a vocab-only llama.cpp model: prompts are tokenized here, not in the worker
         self._worker = worker
@@ -275,27 +278,61 @@ class LocalExpert:
             self._recent_s = [*self._recent_s[-19:], time.perf_counter() - started_s]
 
 
+class ServedExpert(Protocol):
+    """A model this node serves: a `LocalExpert`, or a specialist on one's base (node/serving/specialist_serving.py)."""
+
+    @property
+    def spec(self) -> ExpertSpec: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def parallel(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def worker_pid(self) -> int | None: ...
+    @property
+    def safe_cpu_kernels(self) -> bool: ...
+    def tokens_per_s(self) -> float: ...
+    def average_request_s(self) -> float | None: ...
+    def retry_after_s(self) -> int: ...
+    def admit(self) -> None: ...
+    def release(self) -> None: ...
+    def close(self) -> None: ...
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> tuple[list[int], tuple[str, ...]]: ...
+    def tokenize_text(self, prompt: str) -> list[int]: ...
+    def generate(
+        self, prompt_tokens: list[int], style_stops: Sequence[str], params: GenerationParams
+    ) -> AsyncIterator[GenerationEvent]: ...
+
+
 class ExpertPool:
     """The node's local experts in the order they were configured."""
 
-    def __init__(self, experts: Sequence[LocalExpert]) -> None:
+    def __init__(self, experts: Sequence[ServedExpert]) -> None:
         self._experts = {expert.spec.id: expert for expert in experts}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ServedExpert]:
         return iter(self._experts.values())
 
     def __len__(self) -> int:
         return len(self._experts)
 
-    def get(self, expert_id: str) -> LocalExpert | None:
+    def get(self, expert_id: str) -> ServedExpert | None:
         """The expert with this id, if local."""
         return self._experts.get(ExpertId(expert_id))
 
-    def add(self, expert: LocalExpert) -> None:
+    def add(self, expert: ServedExpert) -> None:
         """Serve one more expert (an adopted specialist)."""
         self._experts[expert.spec.id] = expert
 
-    def first(self) -> LocalExpert | None:
+    def first(self) -> ServedExpert | None:
         """The first configured expert."""
         return next(iter(self._experts.values()), None)
 
@@ -305,7 +342,7 @@ class ExpertPool:
             expert.close()
 
 
-def _chat_formatter(llama: object):
+def _chat_formatter(llama: Llama):
     """The GGUF's own chat template, through llama-cpp-python's Jinja2 formatter."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
