@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,9 +15,14 @@ from node.mesh.remote_expert import Experts
 from node.metrics import NodeMetrics
 from node.pipeline import QueryPipeline
 from node.routing.router import Router
-from node.serving.experts import ExpertPool
+from node.serving.experts import ExpertPool, ServedExpert
 from peers.client import PeerClient
 from peers.identity import NodeIdentity
+
+if TYPE_CHECKING:  # the mesh's services import these keys, so their classes are named for the type checker only
+    from node.mesh.admission import Admissions
+    from node.mesh.directory import DirectoryService
+    from node.mesh.relay import RelayLinks, RelayServer
 
 
 @dataclass(frozen=True)
@@ -39,3 +46,10 @@ experts_key = web.AppKey("experts", Experts)
 pipeline_key = web.AppKey("pipeline", QueryPipeline)
 # Bases loaded only because a specialist needs them: served through their specialists, closed with the node.
 specialist_bases_key = web.AppKey("specialist_bases", list)
+# Experts handed to create_app already loaded (tests, benchmarks), served instead of the configured models.
+preloaded_experts_key = web.AppKey[Sequence[ServedExpert]]("preloaded_experts")
+# The mesh's services: relaying, admissions by invite, the gossip directory.
+relay_server_key: web.AppKey[RelayServer] = web.AppKey("relay_server")
+relay_links_key: web.AppKey[RelayLinks] = web.AppKey("relay_links")
+admissions_key: web.AppKey[Admissions] = web.AppKey("admissions")
+directory_key: web.AppKey[DirectoryService] = web.AppKey("directory")

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +20,7 @@ from node.errors import NodeError
 from node.http import api, peer_api, web_routes
 from node.http.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.judging.service import Judging
-from node.keys import experts_key, identity_key, pipeline_key, specialist_bases_key
+from node.keys import experts_key, identity_key, pipeline_key, preloaded_experts_key, specialist_bases_key
 from node.mesh import adopt, directory, invites, relay
 from node.mesh.network import Network
 from node.mesh.peer_store import PeerStore
@@ -90,9 +90,6 @@ async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
     app[api.node_info_key] = api.NodeInfo(node_id=identity.node_id, started_s=time.time())
     log.info("node id %s (data in %s)", identity.node_id, settings.data_dir)
     yield
-
-
-preloaded_experts_key = web.AppKey[Sequence[ServedExpert]]("preloaded_experts")
 
 
 async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -266,7 +266,7 @@ class DirectoryService:
         return rows
 
 
-directory_key = web.AppKey("directory", DirectoryService)
+from node.keys import directory_key  # noqa: E402 (it names the class above)
 
 
 async def directory_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -437,9 +437,7 @@ class RelayLinks:
 
 # ---- routes ---------------------------------------------------------------------------------
 
-relay_server_key = web.AppKey("relay_server", RelayServer)
-relay_links_key = web.AppKey("relay_links", RelayLinks)
-admissions_key = web.AppKey("admissions", Admissions)
+from node.keys import admissions_key, relay_links_key, relay_server_key  # noqa: E402 (they name classes above)
 
 
 def _forget_stream(streams: dict[int, asyncio.Task], stream_id: int, _task: asyncio.Task) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from bandit.features import ExpertFeatures, ExpertId, NodeId
+from bandit.features import ExpertFeatures
 from node.errors import ExpertBusy, InvalidRequest, PeerUnavailable
 from node.mesh.network import Network, RemoteExpert
 from node.metrics import NodeMetrics
@@ -21,6 +21,7 @@ from node.serving.expert import (
     Metered,
     Prepared,
     Prompt,
+    card_features,
     classify_peer_failure,
 )
 from node.serving.experts import Delta, ExpertPool, Finished, FinishReason, GenerationEvent, GenerationParams
@@ -93,23 +94,7 @@ class Remote:
 
     def features(self, scores: Mapping[str, float]) -> ExpertFeatures:
         """What the bandit sees of it."""
-        card, load = self._card, self.load()
-        return ExpertFeatures(
-            expert_id=ExpertId(card.expert_id),
-            node_id=NodeId(self.node_id),
-            family=card.family or "unknown",
-            params=card.params or "unknown",
-            quantization=card.quantization or "unknown",
-            scores=scores,
-            latency_ms_avg=load.latency_ms,
-            queue_depth=load.queue_depth,
-            local=False,
-            running=load.running,
-            waiting=load.waiting,
-            tokens_per_s=load.tokens_per_s,
-            base=card.base_sha256[:12],
-            definition=card.definition_digest[:12],
-        )
+        return card_features(self._card, self.load(), self.node_id, local=False, scores=scores)
 
     def view(self) -> dict[str, Any]:
         """Its `expertmesh` fields in `/v1/models` (the listing adds every host's node id)."""

@@ -80,6 +80,27 @@ class Load:
     latency_ms: float | None  # a local expert's mean request time; a peer's round-trip time
 
 
+def card_features(card: ExpertCard, load: Load, node_id: str, *, local: bool, scores: Mapping[str, float]) -> ExpertFeatures:
+    """What the bandit sees of an expert, local or remote: its card, its load, its judged scores."""
+    return ExpertFeatures(
+        expert_id=ExpertId(card.expert_id),
+        node_id=NodeId(node_id),
+        family=card.family or "unknown",
+        params=card.params or "unknown",
+        quantization=card.quantization or "unknown",
+        scores=scores,
+        latency_ms_avg=load.latency_ms,
+        queue_depth=load.queue_depth,
+        local=local,
+        running=load.running,
+        waiting=load.waiting,
+        tokens_per_s=load.tokens_per_s,
+        # Only specialists have them: for a plain model these would repeat its id, which doubles its learning rate.
+        base=card.base_sha256[:12],
+        definition=card.definition_digest[:12],
+    )
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A prompt made ready for one expert (tokenized for a local one) before it takes a place."""
@@ -217,24 +238,7 @@ class Local:
 
     def features(self, scores: Mapping[str, float]) -> ExpertFeatures:
         """What the bandit sees of it."""
-        card, load = self._card, self.load()
-        return ExpertFeatures(
-            expert_id=ExpertId(card.expert_id),
-            node_id=NodeId(self._node_id),
-            family=card.family or "unknown",
-            params=card.params or "unknown",
-            quantization=card.quantization or "unknown",
-            scores=scores,
-            latency_ms_avg=load.latency_ms,
-            queue_depth=load.queue_depth,
-            local=True,
-            running=load.running,
-            waiting=load.waiting,
-            tokens_per_s=load.tokens_per_s,
-            # Only specialists: for a plain model these would repeat its id, which doubles its learning rate.
-            base=card.base_sha256[:12],
-            definition=card.definition_digest[:12],
-        )
+        return card_features(self._card, self.load(), self._node_id, local=True, scores=scores)
 
     def view(self) -> dict[str, Any]:
         """Its `expertmesh` fields in `/v1/models`."""
