@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.config import default_models_dir  # noqa: E402
 from node.serving import catalog  # noqa: E402
-from tests.nodes import start_node  # noqa: E402
+from node.serving.native import load_llama  # noqa: E402
+from tests.nodes import safe_cpu_kernels, start_node  # noqa: E402
 
 PROMPTS = [
     "Explain why the sky is blue.",
@@ -138,11 +139,10 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    from llama_cpp import Llama
-
     model = catalog.resolve(args.model, default_models_dir(), progress=True)
     n_ctx = 2048
-    llama = Llama(model_path=str(model.path), n_ctx=n_ctx, n_threads=args.threads, verbose=False)
+    # The same kernels a node would pick on this CPU (its self-check verdict), or llama.cpp may die of AMX here.
+    llama = load_llama(str(model.path), safe_cpu_kernels=safe_cpu_kernels(), n_ctx=n_ctx, n_threads=args.threads, verbose=False)
     with tempfile.TemporaryDirectory() as data_dir:
         extra = ["--model", args.model, "--n-ctx", str(n_ctx)] + (["--threads", str(args.threads)] if args.threads else [])
         node = start_node(Path(data_dir), *extra)
