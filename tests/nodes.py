@@ -443,7 +443,7 @@ HOME = {"a": "192.168.10.2", "b": "192.168.20.2"}
 NETNS_API_KEY = "relay-netns-key"
 NETNS_PORT = 8470
 NETNS_DEAD_AFTER_S = 4.0
-NETNS_WAIT_S = 60.0
+NETNS_WAIT_S = 120.0  # four nodes and a Python process per poll: slow on a busy 2-core machine
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

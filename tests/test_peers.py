@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,22 @@ pytestmark = pytest.mark.model
 
 def alive_peer_ids(node: RunningNode) -> set[str]:
     return {p["id"] for p in get_json(node.url + "/v1/peers")["data"] if p["alive"]}
+
+
+def refused_hellos(node: RunningNode) -> int:
+    """How many hellos `node` refused as unauthenticated (401/403), from its Prometheus counters."""
+    text = asyncio.run(_get_text(node.url + "/metrics"))
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("expertmesh_requests_total{") and 'endpoint="/peer/v1/hello"' in line
+        and ('status="401"' in line or 'status="403"' in line)
+    )
+
+
+async def _get_text(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
 
 
 def _met_all(node: RunningNode, ids: set[str]) -> bool:
@@ -221,7 +236,8 @@ def test_community_secret_keeps_outsiders_out(tmp_path: Path) -> None:
     outsider = start_node(tmp_path / "x", "--model", "smollm2-135m", "--peer", a.url, "--community-secret", "wrong", *FAST)
     try:
         wait_for(lambda: alive_peer_ids(a) == {b.node_id}, what="A to know B")
-        time.sleep(3)  # several hello rounds for the outsider
+        # Not a pause: A's own count of hellos it refused (the outsider's, with the wrong secret) proves the tries.
+        wait_for(lambda: refused_hellos(a) >= 3, what="A to refuse the outsider's hellos three times")
         assert outsider.node_id not in alive_peer_ids(a)
         assert alive_peer_ids(outsider) == set()
 
