@@ -15,7 +15,7 @@ async def test_peer_exchange_leaves_out_a_revoked_node(tmp_path: Path) -> None:
         alive = lambda: {p.node_id for p in hub.network.alive_peers()}  # noqa: E731
         await wait_until(lambda: {a.node_id, b.node_id} <= alive(), what="the hub to verify A and B")
         assert {p.node_id for p in hub.network.exchange_reply(32).peers} >= {a.node_id, b.node_id}
-        hub.network.is_refused = lambda node_id: node_id == a.node_id  # what `expertmesh revoke A` sets
+        hub.network.attach(refused=lambda node_id: node_id == a.node_id)  # what `expertmesh revoke A` sets
         listed = {p.node_id for p in hub.network.exchange_reply(32).peers}
         assert b.node_id in listed and a.node_id not in listed, listed
     finally:

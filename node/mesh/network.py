@@ -115,10 +115,10 @@ class Network:
         # attached once built (`attach`), through the typed interfaces below, never patched in.
         self._cards: CardKeeper | None = None
         self._learning: LearningExchange | None = None
-        # Set by the relay module: nodes revoked here, whose hellos are refused and experts never used.
-        self.is_refused: Callable[[str], bool] = lambda _node_id: False
-        # Set by the relay module: try a hole-punched path to a peer reached through a relay.
-        self.try_punch: Callable[[str], None] = lambda _url: None
+        # Attached by the relay module (`attach`): nodes revoked here, whose hellos are refused and experts never used.
+        self._refused: Callable[[str], bool] = lambda _node_id: False
+        # Attached by the relay module (`attach`): try a hole-punched path to a peer reached through a relay.
+        self._punch: Callable[[str], None] = lambda _url: None
         self.trust: dict[str, Trust] = {}
         self.policy = TablePolicy(
             dead_after_ms=int(settings.peer_dead_after_s * 1000),
@@ -137,12 +137,28 @@ class Network:
         self._mdns: MdnsService | None = None
         self._db = asyncio.Lock()
 
-    def attach(self, *, cards: CardKeeper | None = None, learning: LearningExchange | None = None) -> None:
-        """Connect the judge (cards in hellos, peers' cards kept) and community learning (summaries in hellos)."""
+    def attach(
+        self,
+        *,
+        cards: CardKeeper | None = None,
+        learning: LearningExchange | None = None,
+        refused: Callable[[str], bool] | None = None,
+        punch: Callable[[str], None] | None = None,
+    ) -> None:
+        """Connect the judge (cards in hellos, peers' cards kept), community learning (summaries in hellos),
+        the relay module's revocations (`refused`) and its hole punching (`punch`, given a relayed URL)."""
         if cards is not None:
             self._cards = cards
         if learning is not None:
             self._learning = learning
+        if refused is not None:
+            self._refused = refused
+        if punch is not None:
+            self._punch = punch
+
+    def is_refused(self, node_id: str) -> bool:
+        """Whether this node revoked `node_id` (its hellos are refused, its experts never used)."""
+        return self._refused(node_id)
 
     # ---- our own card ---------------------------------------------------------------
 
@@ -480,7 +496,7 @@ class Network:
         if not is_relayed(url) or now_ms - self._direct_tried_ms.get(card.node_id, -DIRECT_RETRY_MS) < DIRECT_RETRY_MS:
             return
         self._direct_tried_ms[card.node_id] = now_ms
-        self.try_punch(url)
+        self._punch(url)
         for other in card.addresses[:MAX_ADDRESSES_PER_CARD]:
             target = self.dialable(other)
             if target is not None and not is_relayed(target):

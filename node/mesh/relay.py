@@ -454,12 +454,12 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     app[admissions_key] = admissions
     app[relay_server_key] = RelayServer(settings, identity, admissions)
     network = app[keys.network_key]
-    network.is_refused = admissions.is_revoked
+    network.attach(refused=admissions.is_revoked)
     async with aiohttp.ClientSession() as session:
         links = RelayLinks(settings, identity, session, network)
         app[relay_links_key] = links
         punching = Punching(network, session)
-        network.try_punch = punching.try_punch
+        network.attach(punch=punching.try_punch)
         try:
             yield
         finally:
