@@ -24,8 +24,8 @@ import aiohttp
 from aiohttp import web
 from zeroconf import DNSIncoming, DNSPointer, DNSService, DNSText
 
+from node import keys
 from node.config import Settings
-from node.http import api
 from node.http.app import IDLE_CONNECTION_TIMEOUT_S, create_app
 from node.judging.cards import CapabilityCard, Performance, encode_signed_card, sign_capability_card
 from node.judging.service import Judging
@@ -260,15 +260,15 @@ class LiveNode:
 
     @property
     def network(self) -> Network:
-        return self.app[api.network_key]
+        return self.app[keys.network_key]
 
     @property
     def judging(self) -> Judging:
-        return self.app[api.judging_key]
+        return self.app[keys.judging_key]
 
     @property
     def router(self) -> Router:
-        return self.app[api.router_key]
+        return self.app[keys.router_key]
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -293,7 +293,7 @@ async def start_live_node(
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     if start_network:
-        await app[api.network_key].start([url])
+        await app[keys.network_key].start([url])
     return LiveNode(app, runner, url)
 
 

@@ -9,7 +9,7 @@ from functools import partial
 import aiohttp
 from aiohttp import web
 
-from node.http.api import error_middleware
+from node.http.middleware import error_middleware
 from node.mesh.directory import DirectoryService, Gossip, _gossip_route, directory_key
 from peers.client import PEER_PATH
 from peers.identity import NodeIdentity

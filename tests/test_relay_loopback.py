@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from node.config import Settings
-from node.http.api import error_middleware
+from node.http.middleware import error_middleware
 from node.mesh.admission import Admissions
 from node.mesh.relay import RelayLinks, RelayServer
 from peers.client import PEER_PATH, PeerClient, PeerRejected, PeerUnreachable

@@ -15,12 +15,12 @@ import aiohttp
 import ifaddr
 from aiohttp import web
 
+from node import keys
 from node.config import Settings
 from node.errors import NodeError
-from node.http import api, peer_api, web_routes
+from node.http import api, middleware, peer_api, web_routes
 from node.http.access import RateLimiter, access_middleware, allowed_hosts, host_guard_middleware, resolve_api_key
 from node.judging.service import Judging
-from node.keys import experts_key, identity_key, pipeline_key, preloaded_experts_key, specialist_bases_key
 from node.mesh import adopt, directory, invites, relay
 from node.mesh.network import Network
 from node.mesh.peer_store import PeerStore
@@ -84,20 +84,20 @@ def _load_experts(settings: Settings) -> tuple[list[ServedExpert], list[LocalExp
 
 
 async def _identity_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[api.settings_key]
+    settings = app[keys.settings_key]
     identity = NodeIdentity.load_or_create(settings.data_dir)  # create_app made the data dir, mode 0700
-    app[identity_key] = identity
-    app[api.node_info_key] = api.NodeInfo(node_id=identity.node_id, started_s=time.time())
+    app[keys.identity_key] = identity
+    app[keys.node_info_key] = keys.NodeInfo(node_id=identity.node_id, started_s=time.time())
     log.info("node id %s (data in %s)", identity.node_id, settings.data_dir)
     yield
 
 
 async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[api.settings_key]
-    if preloaded_experts_key in app:
+    settings = app[keys.settings_key]
+    if keys.preloaded_experts_key in app:
         # Experts built by the caller (tests of the network layer that need no model); owned by the caller.
-        app[api.pool_key] = ExpertPool(app[preloaded_experts_key])
-        app[specialist_bases_key] = []
+        app[keys.pool_key] = ExpertPool(app[keys.preloaded_experts_key])
+        app[keys.specialist_bases_key] = []
         yield
         return
     if gpu_offload_supported():
@@ -106,45 +106,45 @@ async def _experts_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("llama.cpp runs on the CPU (built without GPU offload)")
     experts, hidden_bases = await asyncio.get_running_loop().run_in_executor(None, _load_experts, settings)
     pool = ExpertPool(experts)
-    app[api.pool_key] = pool
-    app[specialist_bases_key] = hidden_bases
+    app[keys.pool_key] = pool
+    app[keys.specialist_bases_key] = hidden_bases
     try:
         yield
     finally:
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
-        for base in app[specialist_bases_key]:
+        for base in app[keys.specialist_bases_key]:
             await asyncio.get_running_loop().run_in_executor(None, base.close)
 
 
 async def _network_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[api.settings_key]
+    settings = app[keys.settings_key]
     secret = settings.community_secret.encode() if settings.community_secret else None
     store = PeerStore(settings.data_dir / "peers.db")
     async with aiohttp.ClientSession() as session:
         client = PeerClient(
             session,
-            identity=app[identity_key],
+            identity=app[keys.identity_key],
             secret=secret,
             idle_timeout_s=settings.peer_idle_timeout_s,
             stream_deadline_s=settings.peer_stream_deadline_s,
         )
-        app[api.peer_client_key] = client
-        app[api.network_key] = Network(settings, app[identity_key], app[api.pool_key], client, store)
+        app[keys.peer_client_key] = client
+        app[keys.network_key] = Network(settings, app[keys.identity_key], app[keys.pool_key], client, store)
         try:
             yield
         finally:
-            await app[api.network_key].close()
+            await app[keys.network_key].close()
             store.close()
 
 
 async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[api.settings_key]
-    network = app[api.network_key]
+    settings = app[keys.settings_key]
+    network = app[keys.network_key]
     judging = Judging(
-        app[identity_key],
-        app[api.pool_key],
+        app[keys.identity_key],
+        app[keys.pool_key],
         network,
-        app[api.peer_client_key],
+        app[keys.peer_client_key],
         settings.data_dir,
         judge_on_start=settings.judge_on_start,
         items_per_dimension=settings.judge_items_per_dimension,
@@ -154,7 +154,7 @@ async def _judging_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     network.attach(cards=judging)
     await judging.start()
-    app[api.judging_key] = judging
+    app[keys.judging_key] = judging
     try:
         yield
     finally:
@@ -180,7 +180,7 @@ def _community(settings: Settings, identity: NodeIdentity, network: Network) -> 
 
 
 async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[api.settings_key]
+    settings = app[keys.settings_key]
     node_constraints = RouteConstraints(
         approved=settings.approved,
         exclude=settings.denied,
@@ -188,22 +188,22 @@ async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
         min_scores=settings.min_scores,
         verified_only=settings.verified_only,
     )
-    experts = Experts(app[api.pool_key], app[api.network_key], app[api.peer_client_key], app[api.metrics_key])
+    experts = Experts(app[keys.pool_key], app[keys.network_key], app[keys.peer_client_key], app[keys.metrics_key])
     router = Router(
         experts.all,
         settings.data_dir,
         node_constraints=node_constraints,
         exploration=settings.exploration,
-        assess=app[api.judging_key].assessment,
+        assess=app[keys.judging_key].assessment,
         unverified_share_max=settings.unverified_share_max,
         plain_words=settings.ledger_plain_words,
         retention_days=settings.ledger_retention_days,
-        community=_community(settings, app[identity_key], app[api.network_key]),
+        community=_community(settings, app[keys.identity_key], app[keys.network_key]),
     )
     await router.start()
-    app[api.router_key] = router
-    app[experts_key] = experts
-    app[pipeline_key] = QueryPipeline(router, experts, proposer_min_score=settings.decompose_proposer_min_score)
+    app[keys.router_key] = router
+    app[keys.experts_key] = experts
+    app[keys.pipeline_key] = QueryPipeline(router, experts, proposer_min_score=settings.decompose_proposer_min_score)
     try:
         yield
     finally:
@@ -223,16 +223,16 @@ def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
-            api.error_middleware,
-            api.metrics_middleware,
+            middleware.error_middleware,
+            middleware.metrics_middleware,
             host_guard_middleware(allowed_hosts(settings.host, settings.advertise_urls)),
             access,
         ],
     )
-    app[api.settings_key] = settings
+    app[keys.settings_key] = settings
     if experts is not None:
-        app[preloaded_experts_key] = list(experts)
-    app[api.metrics_key] = create_metrics()
+        app[keys.preloaded_experts_key] = list(experts)
+    app[keys.metrics_key] = create_metrics()
     app.cleanup_ctx.append(_identity_ctx)
     app.cleanup_ctx.append(_experts_ctx)
     app.cleanup_ctx.append(_network_ctx)
@@ -246,7 +246,7 @@ def create_app(settings: Settings, *, experts: list[LocalExpert] | None = None) 
     # The peer API is a sub-app with its own guard; the relay's routes (also under PEER_PATH) stay on this app,
     # outside the guard, because they authenticate end to end (node/mesh/relay.py).
     secret = settings.community_secret.encode() if settings.community_secret else None
-    peer_app = peer_api.create_peer_app(lambda state: state[identity_key], secret)
+    peer_app = peer_api.create_peer_app(lambda state: state[keys.identity_key], secret)
     relay.add_routes(app)
     invites.add_routes(app, peer_app)
     directory.add_routes(app, peer_app)
@@ -301,12 +301,12 @@ async def serve(settings: Settings) -> None:
         host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(settings.host, settings.host)
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         url = f"http://{host}:{port}"
-        node_id = app[api.node_info_key].node_id
-        await app[api.network_key].start(advertise_urls(settings, port))
+        node_id = app[keys.node_info_key].node_id
+        await app[keys.network_key].start(advertise_urls(settings, port))
         await app[relay.relay_links_key].start(url)
         app[directory.directory_key].start()
         _write_node_file(settings.data_dir, url, node_id)
-        experts = ", ".join(e.spec.id for e in app[api.pool_key])
+        experts = ", ".join(e.spec.id for e in app[keys.pool_key])
         log.info("serving %s: web page %s/ , OpenAI API %s/v1", experts, url, url)
         await stop.wait()
         log.info("stopping")

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node import keys
 from node.errors import (
     Forbidden,
     InvalidRequest,
@@ -16,7 +17,7 @@ from node.errors import (
     PayloadTooLarge,
     UpgradeRequired,
 )
-from node.http import api
+from node.http import chat
 from node.http.peer_guard import (
     MAX_PEER_BODY_BYTES,
     body_key,
@@ -24,7 +25,6 @@ from node.http.peer_guard import (
     signer_key,
     stream_reply_headers,
 )
-from node.keys import experts_key
 from node.mesh.adopt import definition_message
 from node.serving.expert import run
 from node.serving.experts import ChatMessage, Delta, Finished, GenerationParams
@@ -46,7 +46,7 @@ from peers.wire import (
 
 log = logging.getLogger(__name__)
 
-network_key = api.network_key
+network_key = keys.network_key
 
 
 def _wire_error(exc: WireError) -> NodeError:
@@ -96,21 +96,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if message.hops > MAX_HOPS:
         raise InvalidRequest(f"hops {message.hops} is over {MAX_HOPS}", param="hops")
     _check_may_generate(request)
-    expert = app[experts_key].local_named(message.expert_id)
+    expert = app[keys.experts_key].local_named(message.expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {message.expert_id!r} is not hosted on this node", param="expert_id")
     prepared = await expert.prepare([ChatMessage(m.role, m.content) for m in message.messages])
-    settings = app[api.settings_key]
+    settings = app[keys.settings_key]
     params = GenerationParams(
         max_tokens=message.max_tokens or settings.max_tokens_default,
-        temperature=api.DEFAULT_TEMPERATURE if message.temperature is None else message.temperature,
-        top_p=api.DEFAULT_TOP_P if message.top_p is None or message.top_p == 0 else message.top_p,
+        temperature=chat.DEFAULT_TEMPERATURE if message.temperature is None else message.temperature,
+        top_p=chat.DEFAULT_TOP_P if message.top_p is None or message.top_p == 0 else message.top_p,
         stop=tuple(message.stop),
         seed=message.seed,
         grammar=forwarded_grammar(message.response_format),
         response_format=message.response_format,
     )
-    node_id = app[api.node_info_key].node_id
+    node_id = app[keys.node_info_key].node_id
     # The expert's place is held for the life of `events` and given back however the reply ends.
     async with aclosing(run(expert, prepared, params)) as events:
         first = await events.__anext__()  # a failure before any token stays a plain HTTP error
@@ -147,7 +147,7 @@ async def definition(request: web.Request) -> web.Response:
     """`POST /peer/v1/experts/{expert_id}/definition` (empty body, signed like every peer request): a served
     specialist's definition, as data."""
     expert_id = request.match_info["expert_id"]
-    expert = request.config_dict[api.pool_key].get(expert_id)
+    expert = request.config_dict[keys.pool_key].get(expert_id)
     if expert is None:
         raise ModelNotFound(f"expert {expert_id!r} is not hosted on this node", param="expert_id")
     message = definition_message(expert)
@@ -162,13 +162,13 @@ async def cards(request: web.Request) -> web.Response:
     sender = request[signer_key].node_id
     if not request.config_dict[network_key].is_verified_peer(sender):
         raise Forbidden("cards are accepted from verified peers only: this node has not verified yours by its own hello")
-    await request.config_dict[api.judging_key].accept_submitted(message.card, sender=sender)
+    await request.config_dict[keys.judging_key].accept_submitted(message.card, sender=sender)
     return _msgpack_response(message)
 
 
 def _check_may_generate(request: web.Request) -> None:
     """On a public address with no community secret, only peers this node verified may use its experts."""
-    settings = request.config_dict[api.settings_key]
+    settings = request.config_dict[keys.settings_key]
     if settings.community_secret is not None or is_loopback_host(settings.host):
         return
     sender = request[signer_key].node_id
