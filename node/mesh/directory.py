@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +43,8 @@ from peers.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=WireMessage)
 
 MAX_GOSSIP_BYTES = 128 << 10
 MAX_CARD_BYTES = 64 << 10
@@ -293,24 +295,25 @@ async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
             await service.close()
 
 
-async def _gossip_route(request: web.Request) -> web.Response:
-    """`POST /peer/v1/gossip`: push-pull of signed node cards."""
-    body = await peer_body(request, MAX_GOSSIP_BYTES)
+async def _read(request: web.Request, shape: type[M], cap: int) -> M:
+    """A peer request's body (read once by the peer guard) decoded as `shape`; a bad one is a 400."""
+    body = await peer_body(request, cap)
     try:
-        message = decode(body, Gossip, max_bytes=MAX_GOSSIP_BYTES)
+        return decode(body, shape, max_bytes=cap)
     except WireError as exc:
         raise InvalidRequest(str(exc)) from exc
+
+
+async def _gossip_route(request: web.Request) -> web.Response:
+    """`POST /peer/v1/gossip`: push-pull of signed node cards."""
+    message = await _read(request, Gossip, MAX_GOSSIP_BYTES)
     reply = request.config_dict[directory_key].on_gossip(message)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 
 
 async def _sync_route(request: web.Request) -> web.Response:
     """`POST /peer/v1/gossip-sync`: anti-entropy between neighbours (digest, versions, missing cards)."""
-    body = await peer_body(request, MAX_SYNC_BYTES)
-    try:
-        message = decode(body, Sync, max_bytes=MAX_SYNC_BYTES)
-    except WireError as exc:
-        raise InvalidRequest(str(exc)) from exc
+    message = await _read(request, Sync, MAX_SYNC_BYTES)
     reply = request.config_dict[directory_key].on_sync(message)
     return web.Response(body=encode(reply), content_type=CONTENT_TYPE)
 

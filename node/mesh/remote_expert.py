@@ -22,6 +22,7 @@ from node.serving.expert import (
     Prepared,
     Prompt,
     card_features,
+    card_view,
     classify_peer_failure,
 )
 from node.serving.experts import Delta, ExpertPool, Finished, FinishReason, GenerationEvent, GenerationParams
@@ -98,14 +99,8 @@ class Remote:
 
     def view(self) -> dict[str, Any]:
         """Its `expertmesh` fields in `/v1/models` (the listing adds every host's node id)."""
-        card = self._card
         return {
-            "name": card.name,
-            "sha256": card.sha256,
-            "family": card.family,
-            "quantization": card.quantization,
-            "prompt_style": card.prompt_style,
-            "n_ctx": card.n_ctx,
+            **card_view(self._card),
             "queue_depth": self.remote.info.queue_depth,
             "local": False,
         }

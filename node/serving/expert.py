@@ -80,6 +80,18 @@ class Load:
     latency_ms: float | None  # a local expert's mean request time; a peer's round-trip time
 
 
+def card_view(card: ExpertCard) -> dict[str, Any]:
+    """The fields of an expert's `/v1/models` entry that come from its card, local or remote."""
+    return {
+        "name": card.name,
+        "sha256": card.sha256,
+        "family": card.family,
+        "quantization": card.quantization,
+        "prompt_style": card.prompt_style,
+        "n_ctx": card.n_ctx,
+    }
+
+
 def card_features(card: ExpertCard, load: Load, node_id: str, *, local: bool, scores: Mapping[str, float]) -> ExpertFeatures:
     """What the bandit sees of an expert, local or remote: its card, its load, its judged scores."""
     return ExpertFeatures(
@@ -242,15 +254,9 @@ class Local:
 
     def view(self) -> dict[str, Any]:
         """Its `expertmesh` fields in `/v1/models`."""
-        card = self._card
         return {
-            "name": card.name,
-            "sha256": card.sha256,
-            "family": card.family,
-            "quantization": card.quantization,
-            "prompt_style": card.prompt_style,
-            "n_ctx": card.n_ctx,
-            "size_bytes": card.size_bytes,
+            **card_view(self._card),
+            "size_bytes": self._card.size_bytes,
             "queue_depth": self.expert.queue_depth,
             "local": True,
             **specialist_fields(self.expert),
