@@ -29,6 +29,17 @@ def _card_maker(identity: NodeIdentity, url_box: list[str]):
     return make
 
 
+async def _serve(service: DirectoryService, route: str, handler) -> tuple[web.AppRunner, str]:
+    """One directory service's peer route on a loopback port: its runner and URL."""
+    app = web.Application(middlewares=[error_middleware])
+    app[directory_key] = service
+    app.router.add_post(f"{PEER_PATH}/{route}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 async def test_cards_travel_along_a_chain_and_forgeries_do_not() -> None:
     identities = [NodeIdentity.generate() for _ in range(3)]
     urls: dict[str, str] = {}
@@ -42,14 +53,8 @@ async def test_cards_travel_along_a_chain_and_forgeries_do_not() -> None:
             neighbours = [chain[j] for j in (index - 1, index + 1) if 0 <= j < len(chain)]
             service = DirectoryService(identity.node_id, _card_maker(identity, box),
                                        partial(_urls_of, urls, neighbours), session)
-            app = web.Application(middlewares=[error_middleware])
-            app[directory_key] = service
-            app.router.add_post(f"{PEER_PATH}/gossip", _gossip_route)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runner, urls[identity.node_id] = await _serve(service, "gossip", _gossip_route)
             runners.append(runner)
-            urls[identity.node_id] = f"http://127.0.0.1:{runner.addresses[0][1]}"
             box.append(urls[identity.node_id])
             services[identity.node_id] = service
         for service in services.values():
@@ -85,14 +90,8 @@ async def test_anti_entropy_repairs_what_rumours_missed_and_costs_one_exchange_w
         for identity in (a_id, b_id):
             box: list[str] = []
             service = DirectoryService(identity.node_id, _card_maker(identity, box), lambda: {}, session)
-            app = web.Application(middlewares=[error_middleware])
-            app[directory_key] = service
-            app.router.add_post(f"{PEER_PATH}/gossip-sync", _sync_route)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runner, urls[identity.node_id] = await _serve(service, "gossip-sync", _sync_route)
             runners.append(runner)
-            urls[identity.node_id] = f"http://127.0.0.1:{runner.addresses[0][1]}"
             box.append(urls[identity.node_id])
             services[identity.node_id] = service
         a, b = services[a_id.node_id], services[b_id.node_id]
