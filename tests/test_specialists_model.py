@@ -65,7 +65,7 @@ def test_two_definitions_on_one_base_cost_no_second_model() -> None:
     def load(m: catalog.ModelFile):
         return load_expert(m, n_ctx=256, n_threads=1, n_gpu_layers=0, queue_size=1, safe_cpu_kernels=safe_cpu_kernels())
 
-    definitions = [resolve_definition("sentiment"), resolve_definition("translator")]  # parsing is not what is measured
+    definitions = [resolve_definition("facts"), resolve_definition("arithmetic")]  # parsing is not what is measured
     base = load(model)
     # Every weight page, the long-prompt buffers and a grammar's sampler in use once, before measuring.
     _answer(base, WARM_UP)
@@ -93,16 +93,23 @@ def test_two_definitions_on_one_base_cost_no_second_model() -> None:
 
 def test_a_grammar_holds_the_answer_and_the_definition_frames_the_prompt() -> None:
     models_dir = catalog.default_models_dir()
-    model = catalog.resolve("smollm2-135m", models_dir, progress=False)
+    model = catalog.resolve("gemma3-270m", models_dir, progress=False)  # the shipped sentiment specialist's base
     base = load_expert(model, n_ctx=512, n_threads=1, n_gpu_layers=0, queue_size=1, safe_cpu_kernels=safe_cpu_kernels())
     try:
         definition, _ = resolve_definition("sentiment")
+        assert definition.prompt_style == "completion" and definition.grammar is not None
         (sentiment,), _ = build_specialists([(definition, "shipped:sentiment")], [base], None, models_dir)  # type: ignore[arg-type]  # the base is loaded
         assert sentiment.spec.id == specialist_id(definition, base.spec.sha256)
-        for text in ("I love this phone, it works perfectly.", "This is the worst meal I have ever eaten.", "Tell me a story."):
-            assert _answer(sentiment, text) in ("positive", "negative")
+        # Held to its two labels whatever it is asked, and right on plain reviews.
+        assert _answer(sentiment, "I love this phone, it works perfectly.") == " positive"
+        assert _answer(sentiment, "This is the worst meal I have ever eaten.") == " negative"
+        assert _answer(sentiment, "Tell me a story.") in (" positive", " negative")
         framed = sentiment.framed([ChatMessage("system", "Be brief."), ChatMessage("user", "Great film!")])
         assert framed[0].role == "system" and framed[0].content.startswith(definition.system) and framed[0].content.endswith("Be brief.")
+        assert framed[1:-1] == [
+            message for example in definition.examples
+            for message in (ChatMessage("user", example.user), ChatMessage("assistant", example.assistant))
+        ]
         assert framed[-1] == ChatMessage("user", "Great film!")
     finally:
         base.close()
@@ -142,23 +149,23 @@ SENTIMENT_SCHEMA = {
 
 def test_adopt_and_response_format_between_two_nodes(tmp_path: Path) -> None:
     a = start_node(
-        tmp_path / "a", "--model", "smollm2-135m", "--expert", "sentiment", "--expert", "facts", "--threads", "1",
+        tmp_path / "a", "--model", "smollm2-135m", "--expert", "arithmetic", "--expert", "facts", "--threads", "1",
         "--hello-interval-s", "1",
     )
     b = None
     try:
         b = start_node(tmp_path / "b", "--model", "smollm2-135m", "--peer", a.url, "--threads", "1", "--hello-interval-s", "1")
-        sentiment_id = specialist_id(resolve_definition("sentiment")[0], str(catalog.CATALOG["smollm2-135m"].sha256))
+        arithmetic_id = specialist_id(resolve_definition("arithmetic")[0], str(catalog.CATALOG["smollm2-135m"].sha256))
         facts_id = specialist_id(resolve_definition("facts")[0], str(catalog.CATALOG["smollm2-135m"].sha256))
         entry = _wait_for_model(b.url, facts_id)
         assert entry["expertmesh"]["local"] is False
-        _wait_for_model(b.url, sentiment_id)
+        _wait_for_model(b.url, arithmetic_id)
 
-        # response_format, forwarded: B does not host the sentiment specialist, A builds the grammar itself.
+        # response_format, forwarded: B does not host the arithmetic specialist, A builds the grammar itself.
         status, body = _request(
             f"{b.url}/v1/chat/completions",
             {
-                "model": sentiment_id,
+                "model": arithmetic_id,
                 "messages": [{"role": "user", "content": "I love this phone, it works perfectly."}],
                 "response_format": {"type": "json_schema", "json_schema": {"name": "sentiment", "schema": SENTIMENT_SCHEMA}},
                 "max_tokens": 32,
