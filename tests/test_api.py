@@ -103,6 +103,7 @@ def test_base_model_answers_as_completion_style_expert(client: openai.OpenAI) ->
     )
     content = response.choices[0].message.content
     assert "Paris" in content
+    assert not content[0].isspace(), content  # the model's space after "A:" is the transcript's, not the answer's
     # The Q/A prompt's stop sequences end the answer before the model invents the next question.
     assert "Q:" not in content
     assert response.choices[0].finish_reason == "stop"

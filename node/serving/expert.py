@@ -287,12 +287,20 @@ class Local:
             self.expert.release()
 
     async def generate(self, prepared: Prepared, params: GenerationParams) -> AsyncIterator[GenerationEvent]:
-        """Stream from the worker."""
+        """Stream from the worker; a chat answer from a completion transcript starts at its first non-space."""
         meter = Metered(self._metrics, self._card.expert_id)
         events = self.expert.generate(list(prepared.tokens), prepared.stops, params)
+        # The transcript ends with "A:", so the model answers " Paris"; a chat client asked for "Paris". A raw
+        # text prompt (`/v1/completions`) keeps every character: there the client wrote the prompt.
+        leading_space = bool(prepared.messages) and self._card.prompt_style == "completion"
         try:
             async for event in events:
                 meter.see(event)
+                if leading_space and isinstance(event, Delta):
+                    text = event.text.lstrip()
+                    if not text:
+                        continue
+                    leading_space, event = False, Delta(text)
                 yield event
         finally:
             await events.aclose()  # type: ignore[attr-defined]
