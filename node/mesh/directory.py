@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
@@ -149,8 +149,9 @@ class DirectoryService:
         # Told of every verified card that was news here (the network's neighbour choice and routing use them).
         self.on_card: Callable[[NodeCard], None] = lambda _card: None
 
-    def _receive(self, news: list[pure.CardNews]) -> tuple[list[str], int]:
+    def _receive(self, cards: Sequence[bytes]) -> tuple[list[str], int]:
         """Merge gossiped cards; hand each one that was news on; (the ids we already had, how many were news)."""
+        news = [n for n in (_news(c) for c in cards) if n is not None]
         self.state, known = pure.receive(self.state, news, self.policy, _verify)
         gained = 0
         for item in news:
@@ -168,8 +169,7 @@ class DirectoryService:
     def on_gossip(self, message: Gossip) -> GossipReply:
         """A neighbour pushed: merge, answer with our hot cards and what we already had."""
         pull = pure.outgoing(self.state, self.policy)
-        news = [n for n in (_news(c) for c in message.cards) if n is not None]
-        known, _ = self._receive(news)
+        known, _ = self._receive(message.cards)
         return GossipReply(cards=tuple(n.card for n in pull), known=tuple(known))
 
     def on_sync(self, message: Sync) -> SyncReply:
@@ -179,7 +179,7 @@ class DirectoryService:
         if not message.ids:
             ids, versions = _versions(self.state)
             return SyncReply(same=False, ids=ids, versions=versions)
-        self.repairs += self._receive([n for n in (_news(c) for c in message.cards) if n is not None])[1]
+        self.repairs += self._receive(message.cards)[1]
         theirs = dict(zip(message.ids, message.versions, strict=False))
         return SyncReply(cards=tuple(n.card for n in pure.newer_than(self.state, theirs, self.policy)))
 
@@ -204,7 +204,7 @@ class DirectoryService:
         ids, versions = _versions(self.state)
         message = Sync(digest=pure.directory_digest(self.state), ids=ids, versions=versions, cards=tuple(n.card for n in for_partner))
         second = await self._post(url, "gossip-sync", message, SyncReply, MAX_SYNC_BYTES)
-        gained = self._receive([n for n in (_news(c) for c in second.cards) if n is not None])[1]
+        gained = self._receive(second.cards)[1]
         self.repairs += gained
         return gained
 
@@ -216,20 +216,14 @@ class DirectoryService:
             return False
         partner = self._rng.choice(chosen)
         push = pure.outgoing(self.state, self.policy)
-        body = encode(Gossip(cards=tuple(n.card for n in push)))
         try:
-            async with self._session.post(
-                f"{partners[partner].rstrip('/')}{PEER_PATH}/gossip", data=body,
-                headers={"Content-Type": CONTENT_TYPE, **self._sign(f"{PEER_PATH}/gossip", body)},
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as response:
-                if response.status != 200:
-                    return False
-                reply = decode(await response.content.read(MAX_GOSSIP_BYTES + 1), GossipReply, max_bytes=MAX_GOSSIP_BYTES)
+            reply = await self._post(
+                partners[partner], "gossip", Gossip(cards=tuple(n.card for n in push)), GossipReply, MAX_GOSSIP_BYTES
+            )
         except (TimeoutError, aiohttp.ClientError, OSError, WireError) as exc:
             log.debug("gossip with %s failed: %s", partner, exc)
             return False
-        self._receive([n for n in (_news(c) for c in reply.cards) if n is not None])
+        self._receive(reply.cards)
         self.state = pure.feedback(self.state, push, list(reply.known), self.policy)
         if (self.rounds + self._offset) % self.policy.anti_entropy_every == 0:
             # Rumours can die out before reaching everyone: now and then compare whole directories (peers/directory.py).
