@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import pytest
 from aiohttp import web
 from zeroconf import DNSIncoming, DNSPointer, DNSService, DNSText
 
@@ -445,6 +447,11 @@ NETNS_PORT = 8470
 NETNS_DEAD_AFTER_S = 4.0
 NETNS_WAIT_S = 120.0  # four nodes and a Python process per poll: slow on a busy 2-core machine
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What `nat_internet` needs; a test module that builds it is skipped, not failed, on a machine without them.
+NEEDS_NAT_INTERNET = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None,
+    reason="needs root, iproute2 and iptables to build the namespaces and the NAT routers",
+)
 
 
 def netns_run(*args: str) -> None:

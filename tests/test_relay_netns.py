@@ -15,8 +15,6 @@ over to the other within the dead-peer time; killing both leaves A unreachable.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 from tests.nodes import (
     GEMMA3_ID,
     HOME,
+    NEEDS_NAT_INTERNET,
     NETNS_DEAD_AFTER_S,
     NETNS_WAIT_S,
     P1,
@@ -37,14 +36,7 @@ from tests.nodes import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.model,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None,
-        reason="needs root, iproute2 and iptables to build the namespaces and the NAT routers",
-    ),
-]
+pytestmark = [pytest.mark.netns, pytest.mark.model, NEEDS_NAT_INTERNET]
 
 log = logging.getLogger(__name__)
 

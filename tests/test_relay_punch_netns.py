@@ -19,6 +19,7 @@ import pytest
 from tests.nodes import (
     GEMMA3_ID,
     HOME,
+    NEEDS_NAT_INTERNET,
     NETNS_WAIT_S,
     P1,
     REPO_ROOT,
@@ -30,12 +31,7 @@ from tests.nodes import (
     wait_for,
 )
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        sys.platform != "linux" or __import__("os").geteuid() != 0, reason="needs root for network namespaces"
-    ),
-]
+pytestmark = [pytest.mark.netns, NEEDS_NAT_INTERNET]
 
 log = logging.getLogger(__name__)
 WAN = {"a": "10.201.1.2", "b": "10.201.2.2"}  # the home routers' public addresses
