@@ -126,7 +126,7 @@ async def _home_key(session: aiohttp.ClientSession, url: str, address: RelayedAd
     if raw.status != 200:
         return raw
     try:
-        reply = await open_verified(raw, address, nonce, KEY_ROUTE, b"", errors)
+        reply = await open_verified(raw, EnvelopeOpener(address.node_id, nonce, request_digest(KEY_ROUTE, b"")), errors)
         if reply.status != 200:
             raise errors.unreachable(f"{url}: the relay gave no end-to-end key (status {reply.status})")
         key = b"".join([chunk async for chunk in reply.iter_chunked(64)])
@@ -153,25 +153,15 @@ async def post_sealed(
         f"{url.rstrip('/')}{_PEER_PATH}/{SEALED_ROUTE}", data=sealed.body, timeout=timeout, allow_redirects=False,
         headers={"Content-Type": "application/octet-stream", **nonce_header, E2E_KEY_HEADER: sealed.requester_key.hex()},
     )
-    if raw.status != 200:
-        return raw
     opener = EnvelopeOpener(address.node_id, nonce, request_digest(SEALED_ROUTE, sealed.body), cipher=sealed.reply_cipher)
-    reply = VerifiedReply(raw, opener, errors)
-    try:
-        await reply._first()
-    except BaseException:
-        raw.close()
-        raise
-    return reply
+    return await open_verified(raw, opener, errors)
 
 
-async def open_verified(
-    raw: aiohttp.ClientResponse, address: RelayedAddress, nonce: bytes, route: str, body: bytes, errors: RelayErrors
-):
-    """The relay's raw response if it refused (its own error), else a reply verified end to end."""
+async def open_verified(raw: aiohttp.ClientResponse, opener: EnvelopeOpener, errors: RelayErrors):
+    """The relay's raw response if it refused (its own error), else a reply verified end to end by `opener`."""
     if raw.status != 200:
         return raw
-    reply = VerifiedReply(raw, EnvelopeOpener(address.node_id, nonce, request_digest(route, body)), errors)
+    reply = VerifiedReply(raw, opener, errors)
     try:
         await reply._first()
     except BaseException:
