@@ -24,10 +24,10 @@ from pathlib import Path
 
 from bandit.features import ExpertFeatures, ExpertId, NodeId, query_features
 from bandit.policy import Policy, sample_index
-from node.judging.runner import local_ask, run_probes, scorable_suites, summarize_run
+from node.judging.runner import ask_expert, local_ask, run_probes, scorable_suites, summarize_run
 from node.judging.suites import load_suites
 from node.serving import catalog
-from node.serving.experts import ChatMessage, Delta, GenerationParams, load_expert
+from node.serving.experts import load_expert
 from node.serving.specialist_serving import build_specialists
 from node.serving.specialists import resolve_definition, shipped_definitions
 
@@ -38,7 +38,7 @@ GOAL_MARGIN_POINTS = 10.0
 GOAL_PERCENT_OF_ORACLE = 90.0
 MAX_TOKENS = 24  # enough for every checker here; the specialists stop earlier on their own
 JUDGE_DIMENSIONS = ("arithmetic", "classification", "knowledge", "reasoning", "translation")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: answers through the node's path (ask_expert: solo, a chat answer's leading space dropped)
 
 # ---- the workload: five task kinds, none of them judge-suite items ---------------------------
 
@@ -205,16 +205,6 @@ def check_disjoint_from_suites(items: list[Item]) -> None:
 # ---- answering (cached) -----------------------------------------------------------------------
 
 
-async def _answer(expert, prompt: str) -> str:
-    tokens, stops = expert.tokenize_chat([ChatMessage("user", prompt)])
-    expert.admit()
-    try:
-        params = GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
-        return "".join([e.text async for e in expert.generate(tokens, stops, params) if isinstance(e, Delta)])
-    finally:
-        expert.release()
-
-
 def load_experts(models_dir: Path, n_threads: int):
     """The two base models served raw, and every shipped specialist on them (weights shared)."""
 
@@ -239,7 +229,8 @@ async def answer_all(experts, items: list[Item], cache_path: Path) -> dict[str, 
         todo = [i for i in items if i.prompt not in mine]
         started = time.perf_counter()
         for n, item in enumerate(todo, 1):
-            mine[item.prompt] = await _answer(expert, item.prompt)
+            # Greedy and solo, through the node's own path for a local expert, as its judges ask.
+            mine[item.prompt] = (await ask_expert(expert, item.prompt, max_tokens=MAX_TOKENS)).text
             if n % 25 == 0:
                 log.info("%s: %d/%d answered", expert.spec.id, n, len(todo))
                 cache_path.write_text(json.dumps(cache))
